@@ -1,0 +1,415 @@
+"""Full-sort top-k evaluation with the semantics of the MMRec toolbox (the reference).
+
+Per split (valid or test):
+- evaluated users are the distinct users of the split, in order of first appearance;
+- every user is scored against ALL items, its TRAINING items are set to -1e10 (the reference's
+  constant, not -inf, so masked items still fill the list when fewer unmasked items than k exist),
+  and the top max(topk) items are kept (descending score, ties by lower item index);
+- hit[u, r] says whether the r-th item is one of the user's items in the split; pos_len[u] counts
+  the user's rows in the split (a duplicated (user, item) row counts twice, as in the reference);
+- recall / ndcg / precision / map at each k are averaged over users and rounded to 4 decimals.
+
+Scoring and top-k run on the accelerator in fixed-shape batches (one compilation per split);
+hits and metrics are vectorised numpy on the host, with the same arithmetic as the reference so
+that the rounded values agree.
+"""
+from typing import Dict, Mapping, NamedTuple, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_METRICS: Tuple[str, ...] = ('recall', 'ndcg', 'precision', 'map')
+DEFAULT_KS: Tuple[int, ...] = (5, 10, 20, 50)
+MASK_SCORE = -1e10  # the reference's value for masked training items
+
+
+class EvalSplit(NamedTuple):
+    """Everything one split needs for evaluation, precomputed once (numpy, host).
+
+    Attributes:
+      users: (n_eval,) int32 evaluated user ids, in order of first appearance in the split.
+      truth_indptr: (n_eval + 1,) int64 CSR row pointers over `users` into `truth_items`.
+      truth_items: (nnz,) int32 the split's items of each evaluated user (split row order,
+        duplicates kept).
+      mask_indptr: (n_eval + 1,) int64 CSR row pointers over `users` into `mask_items`.
+      mask_items: (m,) int32 the TRAINING items of each evaluated user (masked when ranking).
+    """
+    users: np.ndarray
+    truth_indptr: np.ndarray
+    truth_items: np.ndarray
+    mask_indptr: np.ndarray
+    mask_items: np.ndarray
+
+    @property
+    def n_eval(self) -> int:
+        """Number of evaluated users."""
+        return int(self.users.shape[0])
+
+    @property
+    def pos_len(self) -> np.ndarray:
+        """(n_eval,) int64 rows per evaluated user in the split (the metrics' denominators)."""
+        return np.diff(self.truth_indptr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a split
+# ----------------------------------------------------------------------------------------------
+
+def first_appearance_unique(values: np.ndarray) -> np.ndarray:
+    """Distinct values in order of first appearance (pandas' `Series.unique` order).
+
+    Args:
+      values: (n,) integer array.
+
+    Returns:
+      (u,) distinct values of `values`, ordered by the index of their first occurrence.
+    """
+    uniq, first = np.unique(values, return_index=True)
+    return uniq[np.argsort(first, kind='stable')]
+
+
+def _csr_by_row(row_of: np.ndarray, items: np.ndarray, n_rows: int
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """Groups `items` by `row_of` into CSR, keeping the input order within a row.
+
+    Args:
+      row_of: (n,) int row index in [0, n_rows) of each entry, or -1 to drop the entry.
+      items: (n,) int item of each entry.
+      n_rows: number of CSR rows.
+
+    Returns:
+      indptr: (n_rows + 1,) int64; items_sorted: (nnz,) int32.
+    """
+    keep = row_of >= 0
+    row_of, items = row_of[keep], items[keep]
+    # A stable sort keeps the file order inside each user's group, like pandas' groupby.
+    order = np.argsort(row_of, kind='stable')
+    counts = np.bincount(row_of, minlength=n_rows)
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, items[order].astype(np.int32)
+
+
+def build_eval_split(split_users: np.ndarray, split_items: np.ndarray,
+                     train_users: np.ndarray, train_items: np.ndarray) -> EvalSplit:
+    """Precomputes the evaluated users, their ground truth and their training masks.
+
+    Args:
+      split_users: (n,) int user id of each row of the split (valid or test).
+      split_items: (n,) int item id of each row of the split.
+      train_users: (t,) int user id of each training row.
+      train_items: (t,) int item id of each training row.
+
+    Returns:
+      The split's `EvalSplit`. Training users that are not evaluated are dropped from the mask;
+      an evaluated user without training rows gets an empty mask.
+    """
+    split_users = np.asarray(split_users, np.int64).reshape(-1)
+    split_items = np.asarray(split_items, np.int64).reshape(-1)
+    train_users = np.asarray(train_users, np.int64).reshape(-1)
+    train_items = np.asarray(train_items, np.int64).reshape(-1)
+    if split_users.shape != split_items.shape or train_users.shape != train_items.shape:
+        raise ValueError('users and items of a split must have the same length')
+
+    users = first_appearance_unique(split_users)
+    n_eval = users.shape[0]
+    max_user = max(int(split_users.max(initial=-1)), int(train_users.max(initial=-1)))
+    # user id -> evaluated row, -1 for users that are not evaluated.
+    row_of_user = np.full(max_user + 1, -1, np.int64)
+    row_of_user[users] = np.arange(n_eval)
+
+    truth_indptr, truth_items = _csr_by_row(row_of_user[split_users], split_items, n_eval)
+    mask_indptr, mask_items = _csr_by_row(row_of_user[train_users], train_items, n_eval)
+    return EvalSplit(users.astype(np.int32), truth_indptr, truth_items, mask_indptr, mask_items)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranking on the accelerator
+# ----------------------------------------------------------------------------------------------
+
+def _topk_batch(user_emb: jax.Array, item_emb: jax.Array, batch_users: jax.Array,
+                mask_rows: jax.Array, mask_cols: jax.Array, *, k: int) -> jax.Array:
+    """Top-k items of one batch of users, training items masked.
+
+    Args:
+      user_emb: (n_users, d) float32 all user embeddings.
+      item_emb: (n_items, d) float32 all item embeddings.
+      batch_users: (b,) int32 user ids of the batch (padding rows included).
+      mask_rows: (p,) int32 row in [0, b) of each masked pair; == b for padding pairs.
+      mask_cols: (p,) int32 item of each masked pair.
+      k: number of items to keep (static).
+
+    Returns:
+      (b, k) int32 item ids, best first; ties go to the lower item index (`lax.top_k`).
+    """
+    # HIGHEST: on TPU/GPU the default f32 matmul uses reduced precision, which would reorder
+    # near-tied items relative to the float32 reference.
+    scores = jnp.matmul(user_emb[batch_users], item_emb.T,
+                        precision=jax.lax.Precision.HIGHEST)
+    # Padding pairs point at row b (out of range) and are dropped, so the mask length can be a
+    # fixed per-split constant without touching real rows.
+    scores = scores.at[mask_rows, mask_cols].set(MASK_SCORE, mode='drop')
+    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+
+
+# Module-level so the compilation cache survives across calls (every epoch re-evaluates).
+_topk_batch_jit = jax.jit(_topk_batch, static_argnames=('k',))
+
+
+def _batched_mask_pairs(split: EvalSplit, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-batch (row, col) masking pairs, padded to one length for the whole split.
+
+    Args:
+      split: the split.
+      batch: users per batch.
+
+    Returns:
+      rows, cols: (n_batches, p) int32 with p = the largest number of training pairs in any
+        batch (at least 1); padding pairs have row == batch (dropped in `_topk_batch`).
+    """
+    n_batches = -(-split.n_eval // batch)
+    starts = split.mask_indptr[np.arange(n_batches) * batch]
+    ends = split.mask_indptr[np.minimum((np.arange(n_batches) + 1) * batch, split.n_eval)]
+    p = max(1, int((ends - starts).max(initial=0)))
+    # Local row of every pair: evaluated row index modulo the batch it falls in.
+    pair_row = np.repeat(np.arange(split.n_eval, dtype=np.int64), np.diff(split.mask_indptr))
+    rows = np.full((n_batches, p), batch, np.int32)
+    cols = np.zeros((n_batches, p), np.int32)
+    for b in range(n_batches):  # loop over batches, not users
+        s, e = int(starts[b]), int(ends[b])
+        rows[b, :e - s] = pair_row[s:e] - b * batch
+        cols[b, :e - s] = split.mask_items[s:e]
+    return rows, cols
+
+
+def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
+                   batch_size: int = 4096) -> np.ndarray:
+    """Ranks all items for every evaluated user, training items masked with -1e10.
+
+    Args:
+      user_emb: (n_users, d) float32, jax or numpy.
+      item_emb: (n_items, d) float32, jax or numpy.
+      split: the evaluated split.
+      k: list length; must not exceed n_items.
+      batch_size: users per accelerator batch (capped at n_eval to avoid useless padding).
+
+    Returns:
+      (n_eval, k) int32 item ids, best first, rows in `split.users` order.
+    """
+    user_emb = jnp.asarray(user_emb, jnp.float32)
+    item_emb = jnp.asarray(item_emb, jnp.float32)
+    n_items = item_emb.shape[0]
+    if not 0 < k <= n_items:
+        raise ValueError(f'k={k} must be in [1, n_items={n_items}]')
+    if split.n_eval == 0:
+        return np.zeros((0, k), np.int32)
+    batch = max(1, min(int(batch_size), split.n_eval))
+    n_batches = -(-split.n_eval // batch)
+    # Pad the last batch with user 0; its rows are cut off below.
+    users = np.zeros(n_batches * batch, np.int32)
+    users[:split.n_eval] = split.users
+    users = users.reshape(n_batches, batch)
+    rows, cols = _batched_mask_pairs(split, batch)
+
+    # Dispatch every batch before fetching any result so host and device work overlap.
+    outs = [_topk_batch_jit(user_emb, item_emb, users[b], rows[b], cols[b], k=k)
+            for b in range(n_batches)]
+    topk = np.concatenate([np.asarray(o) for o in outs], axis=0)
+    return topk[:split.n_eval]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hits and metrics on the host
+# ----------------------------------------------------------------------------------------------
+
+def hit_matrix(topk: np.ndarray, split: EvalSplit) -> np.ndarray:
+    """Whether each recommended item is among the user's items in the split.
+
+    Args:
+      topk: (n_eval, k) int item ids, rows in `split.users` order.
+      split: the split that provides the ground truth.
+
+    Returns:
+      (n_eval, k) bool.
+    """
+    topk = np.asarray(topk, np.int64)
+    n_eval = topk.shape[0]
+    if n_eval != split.n_eval:
+        raise ValueError(f'topk has {n_eval} rows, the split {split.n_eval} users')
+    # Encode (row, item) pairs as one int64 key and look them up in the sorted truth keys.
+    width = int(max(split.truth_items.max(initial=0), topk.max(initial=0))) + 1
+    truth_rows = np.repeat(np.arange(n_eval, dtype=np.int64), split.pos_len)
+    truth_keys = np.sort(truth_rows * width + split.truth_items)
+    keys = np.arange(n_eval, dtype=np.int64)[:, None] * width + topk
+    if truth_keys.size == 0:
+        return np.zeros(topk.shape, bool)
+    pos = np.minimum(np.searchsorted(truth_keys, keys), truth_keys.size - 1)
+    return truth_keys[pos] == keys
+
+
+def _recall(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
+    """(K,) recall at every cutoff 1..K, averaged over users."""
+    return (np.cumsum(hits, axis=1) / pos_len.reshape(-1, 1)).mean(axis=0)
+
+
+def _precision(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
+    """(K,) precision at every cutoff 1..K, averaged over users."""
+    del pos_len  # precision divides by the cutoff only
+    return (np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)).mean(axis=0)
+
+
+def _ndcg(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
+    """(K,) NDCG at every cutoff 1..K, averaged over users.
+
+    IDCG@k sums the ideal gains over the first min(pos_len, k) ranks.
+    """
+    n_ranks = hits.shape[1]
+    gains = 1.0 / np.log2(np.arange(1, n_ranks + 1) + 1.0)  # (K,)
+    ideal = np.cumsum(gains)  # (K,) IDCG with unlimited relevant items
+    # Beyond min(pos_len, K) ranks the ideal list runs out of relevant items: freeze IDCG there.
+    cutoff = np.minimum(np.arange(n_ranks)[None, :], np.minimum(pos_len, n_ranks)[:, None] - 1)
+    idcg = ideal[cutoff]  # (n, K)
+    dcg = np.cumsum(np.where(hits, gains, 0.0), axis=1)
+    return (dcg / idcg).mean(axis=0)
+
+
+def _map(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
+    """(K,) MAP at every cutoff 1..K, averaged over users.
+
+    AP@k = sum of precision@r over hit ranks r <= k, divided by min(pos_len, k).
+    """
+    n_ranks = hits.shape[1]
+    ranks = np.arange(1, n_ranks + 1)
+    prec = np.cumsum(hits, axis=1) / ranks
+    sum_prec = np.cumsum(prec * hits.astype(np.float64), axis=1)
+    denom = np.minimum(ranks[None, :], pos_len[:, None])
+    return (sum_prec / denom).mean(axis=0)
+
+
+_METRIC_FNS = {'recall': _recall, 'ndcg': _ndcg, 'precision': _precision, 'map': _map}
+
+
+def _round4(value: np.floating) -> float:
+    """Rounds like the reference: builtin `round` on a numpy float64 (numpy's rounding rule,
+    which can differ from Python's on exact decimal ties such as 0.11115)."""
+    return float(round(np.float64(value), 4))
+
+
+def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
+                 metrics: Sequence[str] = DEFAULT_METRICS,
+                 ks: Sequence[int] = DEFAULT_KS) -> Dict[str, float]:
+    """Averaged, rounded top-k metrics from a hit matrix.
+
+    Args:
+      hits: (n_eval, K) bool, hits[u, r] for the (r+1)-th ranked item; K >= max(ks).
+      pos_len: (n_eval,) int >= 1 number of the user's rows in the split.
+      metrics: names among recall, ndcg, precision, map (case-insensitive).
+      ks: cutoffs.
+
+    Returns:
+      {'<metric>@<k>': value} in the order metrics x ks, each rounded to 4 decimals.
+    """
+    hits = np.asarray(hits, bool)
+    pos_len = np.asarray(pos_len, np.int64).reshape(-1)
+    if hits.ndim != 2 or hits.shape[0] != pos_len.shape[0]:
+        raise ValueError(f'hits {hits.shape} and pos_len {pos_len.shape} disagree')
+    if hits.shape[0] == 0:
+        raise ValueError('no users to evaluate')
+    if (pos_len < 1).any():
+        raise ValueError('every evaluated user needs at least one item in the split')
+    if max(ks) > hits.shape[1] or min(ks) < 1:
+        raise ValueError(f'cutoffs {tuple(ks)} must be in [1, {hits.shape[1]}]')
+    result = {}
+    for metric in metrics:
+        name = metric.lower()
+        if name not in _METRIC_FNS:
+            raise ValueError(f'unknown metric {metric!r}; expected one of {sorted(_METRIC_FNS)}')
+        curve = _METRIC_FNS[name](hits, pos_len)
+        for k in ks:
+            result[f'{name}@{k}'] = _round4(curve[k - 1])
+    return result
+
+
+def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
+                       metrics: Sequence[str] = DEFAULT_METRICS,
+                       ks: Sequence[int] = DEFAULT_KS,
+                       batch_size: int = 4096) -> Dict[str, float]:
+    """Full-sort evaluation of embeddings on one split.
+
+    Args:
+      user_emb: (n_users, d) float32.
+      item_emb: (n_items, d) float32.
+      split: the evaluated split.
+      metrics, ks: see `topk_metrics`.
+      batch_size: users per accelerator batch.
+
+    Returns:
+      {'<metric>@<k>': value}, see `topk_metrics`.
+    """
+    topk = full_sort_topk(user_emb, item_emb, split, k=max(ks), batch_size=batch_size)
+    return topk_metrics(hit_matrix(topk, split), split.pos_len, metrics=metrics, ks=ks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Most-popular baseline
+# ----------------------------------------------------------------------------------------------
+
+def popularity_scores(train_items: np.ndarray, n_items: int) -> np.ndarray:
+    """(n_items,) float32 number of training rows of each item."""
+    counts = np.bincount(np.asarray(train_items, np.int64).reshape(-1), minlength=n_items)
+    return counts[:n_items].astype(np.float32)
+
+
+def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit, *,
+                        metrics: Sequence[str] = DEFAULT_METRICS,
+                        ks: Sequence[int] = DEFAULT_KS,
+                        batch_size: int = 4096) -> Dict[str, float]:
+    """Most-popular baseline: every user gets the same global ranking, own training items masked.
+
+    Implemented as a rank-1 model (user vectors of ones, item vectors = popularity) so it goes
+    through exactly the same masking, tie-breaking and metrics as the learned models; counts
+    are integers below 2**24, so the float32 scores are exact.
+
+    Args:
+      train_items: (t,) int item of each training row.
+      n_items: item count.
+      split: the evaluated split.
+      metrics, ks, batch_size: see `evaluate_full_sort`.
+
+    Returns:
+      {'<metric>@<k>': value}, see `topk_metrics`.
+    """
+    pop = popularity_scores(train_items, n_items)[:, None]  # (n_items, 1)
+    n_users = int(split.users.max(initial=0)) + 1
+    ones = np.ones((n_users, 1), np.float32)
+    return evaluate_full_sort(ones, pop, split, metrics=metrics, ks=ks, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def format_metrics_table(results: Mapping[str, Mapping[str, float]],
+                         metrics: Sequence[str] = DEFAULT_METRICS,
+                         ks: Sequence[int] = DEFAULT_KS) -> str:
+    """A fixed-width table: one row per (metric, result name), one column per cutoff.
+
+    Args:
+      results: e.g. {'valid': {...}, 'test': {...}} as returned by `evaluate_full_sort`.
+      metrics, ks: rows and columns to show; a missing value is shown as '-'.
+
+    Returns:
+      The table, rows like 'valid recall', 'test recall', 'valid ndcg', ...; no trailing newline.
+    """
+    labels = [f'{name} {m.lower()}' for m in metrics for name in results]
+    width = max([len(label) for label in labels] + [6])
+    lines = [f'{"":{width}s}' + ''.join(f'{"@" + str(k):>9s}' for k in ks)]
+    for m in metrics:
+        for name, result in results.items():
+            cells = []
+            for k in ks:
+                value = result.get(f'{m.lower()}@{k}')
+                cells.append(f'{"-":>9s}' if value is None else f'{value:9.4f}')
+            lines.append(f'{name + " " + m.lower():{width}s}' + ''.join(cells))
+    return '\n'.join(lines)

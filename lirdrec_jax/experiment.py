@@ -1,0 +1,166 @@
+"""A whole run: load data, train every grid point, report and save the results.
+
+Run directory layout (under `checkpoint.output_dir`):
+  <run_name>/config.json              the full config of the run
+  <run_name>/point-NNN/config.json    the point's config
+  <run_name>/point-NNN/metrics.jsonl  one JSON line per epoch
+  <run_name>/point-NNN/ckpt/{last,best}/<epochs done>/   orbax checkpoints
+  <run_name>/point-NNN/result.json    written when the point has finished
+  <run_name>/results.json             all points, the best one, the popularity baseline
+"""
+import datetime
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+
+from lirdrec_jax import data as data_lib
+from lirdrec_jax import evaluation, grid, reporting, train
+
+# Keys whose change between the interrupted and the resumed run is harmless.
+RESUME_IGNORED = ('resume', 'checkpoint')
+
+
+def load_dataset(data_cfg) -> data_lib.MMRecDataset:
+    """The configured dataset; the embedded synthetic one is generated on first use."""
+    data_dir, name = data_cfg.data_dir, data_cfg.dataset
+    if not data_dir:
+        if name != 'synthetic':
+            raise ValueError(f'data.data_dir is empty, but dataset {name!r} is not the embedded '
+                             'one: pass --config.data.data_dir=/path/to/mmrec/data')
+        from data_prep import synthetic
+        data_dir, name = synthetic.ensure_default_dataset()
+    return data_lib.load_mmrec(data_dir, name, image_file=data_cfg.image_file,
+                               text_file=data_cfg.text_file,
+                               cache_dir=data_cfg.cache_dir or None)
+
+
+def run_directory(cfg) -> Path:
+    """A new timestamped run directory, or (resume) the named / latest existing one."""
+    root = Path(cfg.checkpoint.output_dir)
+    prefix = f'{cfg.model_name}-{cfg.data.dataset}'
+    if cfg.checkpoint.run_name:
+        return root / cfg.checkpoint.run_name
+    if cfg.resume:
+        previous = sorted(root.glob(prefix + '-*')) if root.exists() else []
+        if not previous:
+            raise FileNotFoundError(f'resume=True but no earlier run {prefix}-* under {root}')
+        return previous[-1]
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    path = root / f'{prefix}-{stamp}'
+    suffix = 1
+    while path.exists():  # never reuse (and so never overwrite) an existing run
+        path = root / f'{prefix}-{stamp}-{suffix}'
+        suffix += 1
+    return path
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED}
+
+
+def _check_resumable(saved_path: Path, cfg_dict: dict) -> None:
+    saved = json.loads(saved_path.read_text())
+    if _comparable(saved) != _comparable(json.loads(json.dumps(cfg_dict))):
+        diff = sorted(k for k in set(saved) | set(cfg_dict)
+                      if saved.get(k) != json.loads(json.dumps(cfg_dict)).get(k)
+                      and k not in RESUME_IGNORED)
+        raise ValueError(f'cannot resume {saved_path.parent}: its config differs from this one '
+                         f'in {diff}; resume with the same config, or start a new run')
+
+
+def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
+    """Train all grid points of `cfg`; returns the summary also written to results.json."""
+    points = grid.expand_grid(cfg)
+    workdir = run_directory(cfg)
+    cfg_dict = cfg.to_dict()
+    if cfg.resume and (workdir / 'config.json').exists():
+        _check_resumable(workdir / 'config.json', cfg_dict)
+    elif not cfg.resume and workdir.exists() and any(workdir.iterdir()):
+        raise FileExistsError(f'{workdir} already holds a run; pass --config.resume=True to '
+                              'continue it, or choose another --config.checkpoint.run_name')
+    workdir.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(workdir / 'config.json', cfg_dict)
+    reporting.log(f'run directory: {workdir}')
+
+    dataset = load_dataset(cfg.data)
+    reporting.log(data_lib.describe(dataset))
+    prepared = train.prepare_data(dataset)
+    metrics, ks = tuple(m.lower() for m in cfg.eval.metrics), tuple(cfg.eval.topk)
+    popularity = {
+        split: evaluation.evaluate_popularity(dataset.train.items, dataset.n_items,
+                                              getattr(prepared, split), metrics=metrics, ks=ks)
+        for split in ('valid', 'test')}
+
+    results = []
+    for point in points:
+        results.append(_run_point(point, len(points), prepared, workdir, cfg.resume,
+                                  stop_after_epochs))
+    summary = _summarise(cfg, results, popularity)
+    reporting.write_json(workdir / 'results.json', summary)
+    _print_summary(cfg, summary)
+    return summary
+
+
+def _run_point(point, n_points, prepared, workdir, resume, stop_after_epochs) -> dict:
+    point_dir = workdir / f'point-{point.index:03d}'
+    result_path = point_dir / 'result.json'
+    label = ', '.join(f'{k}={v}' for k, v in point.values.items())
+    if resume and result_path.exists():
+        reporting.log(f'=== point {point.index + 1}/{n_points}: {label} (finished earlier)')
+        return json.loads(result_path.read_text())
+    point_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (point_dir / 'config.json').exists():
+        _check_resumable(point_dir / 'config.json', point.config.to_dict())
+    reporting.write_json(point_dir / 'config.json', point.config.to_dict())
+    reporting.log(f'=== point {point.index + 1}/{n_points}: {label}')
+    start = time.perf_counter()
+    try:
+        outcome = train.train_and_evaluate(point.config, prepared, point_dir, resume=resume,
+                                           stop_after_epochs=stop_after_epochs)
+    except train.TrainingDiverged as err:
+        # Like the reference, a diverged point does not stop the grid; it is reported as such.
+        reporting.log(f'point {point.index + 1} diverged: {err}')
+        outcome = {'finished': True, 'diverged': str(err), 'best_epoch': -1,
+                   'best_valid': None, 'best_test': None, 'history': []}
+    result = {'index': point.index, 'values': point.values,
+              'seconds': time.perf_counter() - start, **outcome}
+    if outcome['finished']:
+        reporting.write_json(result_path, result)
+    return result
+
+
+def _summarise(cfg, results, popularity) -> dict:
+    metric = cfg.eval.valid_metric.lower()
+    scored = [r for r in results if r.get('best_valid')]
+    best = max(scored, key=lambda r: r['best_valid'][metric]) if scored else None
+    return {'dataset': cfg.data.dataset, 'model': cfg.model_name,
+            'hyper_parameters': list(cfg.hyper_parameters), 'valid_metric': metric,
+            'points': [{k: v for k, v in r.items() if k != 'history'} for r in results],
+            'best_point': None if best is None else best['index'],
+            'popularity': popularity,
+            'finished': all(r['finished'] for r in results)}
+
+
+def _print_summary(cfg, summary) -> None:
+    metric = summary['valid_metric']
+    metrics, ks = [m.lower() for m in cfg.eval.metrics], list(cfg.eval.topk)
+    scored = [p for p in summary['points'] if p.get('best_valid')]
+    if len(summary['points']) > 1 and scored:
+        reporting.log('\nGrid (each point at its best valid epoch):')
+        reporting.log(reporting.grid_table(scored, list(summary['hyper_parameters']), metric))
+    if summary['best_point'] is None:
+        reporting.log('no point produced a validation result')
+        return
+    best = next(p for p in summary['points'] if p['index'] == summary['best_point'])
+    label = ', '.join(f'{k}={v}' for k, v in best['values'].items())
+    reporting.log(f'\nBest point by valid {metric}: {label} (epoch {best["best_epoch"]})')
+    rows = [(f'{cfg.model_name} valid', best['best_valid']),
+            (f'{cfg.model_name} test', best['best_test']),
+            ('most-popular valid', summary['popularity']['valid']),
+            ('most-popular test', summary['popularity']['test'])]
+    reporting.log(reporting.metrics_table(rows, metrics, ks))
+    if not summary['finished']:
+        reporting.log('\nrun interrupted before every point finished: resume with '
+                      '--config.resume=True')

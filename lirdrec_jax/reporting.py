@@ -1,0 +1,80 @@
+"""Everything the user sees while a run progresses: progress lines, tables, JSON files."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def log(message: str) -> None:
+    """One progress line on stdout, flushed at once (runs are watched live, e.g. on Colab)."""
+    print(message, flush=True)
+
+
+class BatchProgress:
+    """Prints `epoch E: b/B batches` about ten times per epoch, only for long epochs."""
+
+    def __init__(self, epoch: int, n_batches: int, min_batches: int = 20):
+        self.epoch, self.n_batches = epoch, n_batches
+        self.every = max(1, n_batches // 10) if n_batches >= min_batches else 0
+        self.start = time.perf_counter()
+
+    def should_report(self, batch_index: int) -> bool:
+        return bool(self.every) and (batch_index + 1) % self.every == 0 \
+            and batch_index + 1 < self.n_batches
+
+    def report(self, batch_index: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        print(f'  epoch {self.epoch}: {batch_index + 1}/{self.n_batches} batches '
+              f'[{elapsed:.1f}s]', file=sys.stderr, flush=True)
+
+
+def epoch_line(epoch: int, loss: float, train_seconds: float, eval_seconds: float,
+               valid: dict, test: dict, improved: bool, metric: str) -> str:
+    mark = '  * best' if improved else ''
+    return (f'epoch {epoch:4d}  loss {loss:.4f}  train {train_seconds:6.2f}s  '
+            f'eval {eval_seconds:5.2f}s  valid {metric} {valid[metric]:.4f}  '
+            f'test {metric} {test[metric]:.4f}{mark}')
+
+
+def metrics_table(rows: Iterable[tuple], metrics: Iterable[str], ks: Iterable[int]) -> str:
+    """A fixed-width table: one line per (label, metric), one column per cutoff.
+
+    Args:
+      rows: (label, result dict with keys like 'recall@20') pairs.
+    """
+    ks = list(ks)
+    header = f'{"":28s}' + ''.join(f'{"@" + str(k):>9s}' for k in ks)
+    lines = [header, '-' * len(header)]
+    for label, result in rows:
+        for metric in metrics:
+            cells = ''.join(f'{result[f"{metric}@{k}"]:9.4f}' for k in ks)
+            lines.append(f'{label + " " + metric:28s}{cells}')
+    return '\n'.join(lines)
+
+
+def grid_table(points: list, keys: list, metric: str) -> str:
+    """One line per grid point: its values and the valid/test score of its best epoch."""
+    widths = [max(len(k), 10) for k in keys]
+    header = '  '.join(f'{k:>{w}s}' for k, w in zip(keys, widths))
+    header += f'  {"best ep":>7s}  {"valid " + metric:>16s}  {"test " + metric:>15s}'
+    lines = [header, '-' * len(header)]
+    for point in points:
+        vals = '  '.join(f'{str(point["values"][k]):>{w}s}' for k, w in zip(keys, widths))
+        lines.append(f'{vals}  {point["best_epoch"]:7d}  {point["best_valid"][metric]:16.4f}'
+                     f'  {point["best_test"][metric]:15.4f}')
+    return '\n'.join(lines)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename): an interrupted write never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def append_json_line(path: Path, payload: Any) -> None:
+    with open(path, 'a') as f:
+        f.write(json.dumps(payload, sort_keys=True) + '\n')

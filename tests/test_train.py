@@ -1,0 +1,122 @@
+"""Training loop: resume reproduces the uninterrupted run, checkpoints survive a killed save,
+early stopping follows the reference's rule, the PWC state is folded in between epochs."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from lirdrec_jax import checkpointing, grid, train
+from lirdrec_jax.data import Interactions, MMRecDataset
+
+
+def tiny_dataset(seed=0, n_users=60, n_items=70):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users), 8)
+    items = (users * 7 + rng.integers(0, 12, users.size)) % n_items
+    label = np.tile([0, 0, 0, 0, 0, 0, 1, 2], n_users)
+    split = lambda k: Interactions(users[label == k].astype(np.int32),
+                                   items[label == k].astype(np.int32))
+    factors = rng.standard_normal((n_items, 4))
+    image = np.abs(factors @ rng.standard_normal((4, 12))).astype(np.float32) + 0.1
+    text = (factors @ rng.standard_normal((4, 6))).astype(np.float32)
+    return MMRecDataset('tiny', n_users, n_items, split(0), split(1), split(2), image, text)
+
+
+@pytest.fixture(scope='module')
+def prepared():
+    return train.prepare_data(tiny_dataset())
+
+
+def point_config(**train_overrides):
+    cfg = test_config.get_config()
+    for k, v in train_overrides.items():
+        cfg.train[k] = v
+    return grid.expand_grid(cfg)[0].config
+
+
+def test_resume_ends_with_the_metrics_of_the_uninterrupted_run(prepared, tmp_path):
+    cfg = point_config(epochs=5, stopping_step=10)
+    full = train.train_and_evaluate(cfg, prepared, tmp_path / 'full')
+    part = train.train_and_evaluate(cfg, prepared, tmp_path / 'resumed', stop_after_epochs=2)
+    assert not part['finished'] and part['epochs_done'] == 2
+    resumed = train.train_and_evaluate(cfg, prepared, tmp_path / 'resumed', resume=True)
+    assert resumed['finished'] and resumed['epochs_done'] == 5
+    assert resumed['best_valid'] == full['best_valid']
+    assert resumed['best_test'] == full['best_test']
+    assert [h['loss'] for h in resumed['history']] == [h['loss'] for h in full['history']]
+    # The runs are not trivially equal: training changed the loss across epochs.
+    assert len({round(h['loss'], 6) for h in full['history']}) > 1
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(prepared, tmp_path):
+    cfg = point_config(epochs=3, stopping_step=10)
+    train.train_and_evaluate(cfg, prepared, tmp_path, stop_after_epochs=2)
+    last = tmp_path / 'ckpt' / 'last'
+    assert sorted(p.name for p in last.iterdir() if p.name.isdigit()) == ['1', '2']
+    # What a save killed halfway leaves behind: an orbax temporary directory for epoch 3
+    # holding partial files.
+    debris = last / '3.orbax-checkpoint-tmp-1234567890'
+    shutil.copytree(last / '2', debris)
+    for f in list(debris.rglob('*'))[:3]:
+        if f.is_file():
+            f.write_bytes(b'partial')
+    resumed = train.train_and_evaluate(cfg, prepared, tmp_path, resume=True)
+    assert resumed['epochs_done'] == 3
+    full = train.train_and_evaluate(cfg, prepared, tmp_path / 'clean')
+    assert resumed['best_valid'] == full['best_valid']
+
+
+def test_keep_last_n_and_best(prepared, tmp_path):
+    cfg = point_config(epochs=4, stopping_step=10)
+    result = train.train_and_evaluate(cfg, prepared, tmp_path)
+    kept = sorted(int(p.name) for p in (tmp_path / 'ckpt' / 'last').iterdir() if p.name.isdigit())
+    assert kept == [3, 4]  # keep_last = 2 in configs/test.py
+    best = [int(p.name) for p in (tmp_path / 'ckpt' / 'best').iterdir() if p.name.isdigit()]
+    assert best == [result['best_epoch'] + 1]  # directories count epochs done
+    lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(l)['epoch'] for l in lines] == [0, 1, 2, 3]
+
+
+def test_theta_is_overwritten_with_the_last_attention_at_epoch_start(prepared, tmp_path):
+    cfg = point_config(epochs=2, stopping_step=10)
+    train.train_and_evaluate(cfg, prepared, tmp_path)
+    ckpts = checkpointing.RunCheckpoints(tmp_path / 'ckpt', 2)
+    model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
+    from lirdrec_jax import optim
+    opt = optim.create_optimizer()
+    graphs = train.lirdrec.Graphs(prepared.norm_adj,
+                                  train.create_item_graph(prepared, cfg.model.knn_k, 0.1))
+    template = train.create_train_state(jax.random.PRNGKey(0), model, opt, prepared.features, graphs)
+    saved, progress = ckpts.restore(train._state_to_save(template, jax.random.PRNGKey(0)))
+    ckpts.close()
+    att = np.asarray(saved['attention'])
+    theta = np.asarray(saved['params']['fusion']['theta'])
+    # After epoch 2, theta is epoch 1's last attention moved by epoch 2's Adam steps: close to
+    # a probability table (rows near summing to 1), unlike its xavier-normal init.
+    np.testing.assert_allclose(att.sum(1), 1, rtol=1e-5)
+    assert np.abs(theta.sum(1) - 1).max() < 0.1
+    # PWC weights after two epochs: (0.9, 0.1) -> epoch 1 -> epoch 2, as the hand schedule.
+    w1, w2 = train.lirdrec.pwc_weights_for_epoch(0.9, 0.1, 1, 0.9)
+    w1, w2 = train.lirdrec.pwc_weights_for_epoch(w1, w2, 2, 0.9)
+    assert (progress['w1'], progress['w2']) == pytest.approx((w1, w2))
+
+
+def test_early_stopping_rule():
+    progress = train.Progress(epochs_done=0, w1=0.9, w2=0.1)
+    seq = [0.1, 0.2, 0.2, 0.15, 0.21, 0.2, 0.2, 0.2]
+    flags = [train.early_stopping(progress, v, stopping_step=2) for v in seq]
+    # Improved at 0.1, 0.2, 0.21 (an equal score is not better); the run stops when the
+    # counter exceeds 2, i.e. at the third evaluation in a row without improvement.
+    assert [f[0] for f in flags] == [True, True, False, False, True, False, False, False]
+    assert [f[1] for f in flags] == [False] * 7 + [True]
+    assert progress.best_valid_score == 0.21
+
+
+def test_divergence_names_epoch_and_batch(prepared, tmp_path):
+    cfg = point_config(epochs=1)
+    cfg.optim.learning_rate = 1e30
+    with pytest.raises(train.TrainingDiverged, match=r'epoch 0, batch \d+'):
+        train.train_and_evaluate(cfg, prepared, tmp_path)
