@@ -13,7 +13,7 @@ Scoring and top-k run on the accelerator in fixed-shape batches (one compilation
 hits and metrics are vectorised numpy on the host, with the same arithmetic as the reference so
 that the rounded values agree.
 """
-from typing import Dict, Mapping, NamedTuple, Sequence, Tuple
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -384,32 +384,3 @@ def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit,
     n_users = int(split.users.max(initial=0)) + 1
     ones = np.ones((n_users, 1), np.float32)
     return evaluate_full_sort(ones, pop, split, metrics=metrics, ks=ks, batch_size=batch_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------
-
-def format_metrics_table(results: Mapping[str, Mapping[str, float]],
-                         metrics: Sequence[str] = DEFAULT_METRICS,
-                         ks: Sequence[int] = DEFAULT_KS) -> str:
-    """A fixed-width table: one row per (metric, result name), one column per cutoff.
-
-    Args:
-      results: e.g. {'valid': {...}, 'test': {...}} as returned by `evaluate_full_sort`.
-      metrics, ks: rows and columns to show; a missing value is shown as '-'.
-
-    Returns:
-      The table, rows like 'valid recall', 'test recall', 'valid ndcg', ...; no trailing newline.
-    """
-    labels = [f'{name} {m.lower()}' for m in metrics for name in results]
-    width = max([len(label) for label in labels] + [6])
-    lines = [f'{"":{width}s}' + ''.join(f'{"@" + str(k):>9s}' for k in ks)]
-    for m in metrics:
-        for name, result in results.items():
-            cells = []
-            for k in ks:
-                value = result.get(f'{m.lower()}@{k}')
-                cells.append(f'{"-":>9s}' if value is None else f'{value:9.4f}')
-            lines.append(f'{name + " " + m.lower():{width}s}' + ''.join(cells))
-    return '\n'.join(lines)

@@ -300,17 +300,3 @@ def test_hit_matrix_matches_loop():
     for row, u in enumerate(split.users):
         truth = set(te_i[te_u == u].tolist())
         assert got[row].tolist() == [int(i) in truth for i in topk[row]]
-
-
-def test_format_metrics_table():
-    valid = {'recall@5': 0.1, 'recall@10': 0.2, 'ndcg@5': 0.05, 'ndcg@10': 0.07}
-    test = {'recall@5': 0.11, 'recall@10': 0.21, 'ndcg@5': 0.051}
-    table = evaluation.format_metrics_table({'valid': valid, 'test': test},
-                                            metrics=('recall', 'ndcg'), ks=(5, 10))
-    lines = table.split('\n')
-    assert [line.split()[:2] for line in lines[1:]] == [
-        ['valid', 'recall'], ['test', 'recall'], ['valid', 'ndcg'], ['test', 'ndcg']]
-    assert lines[0].split() == ['@5', '@10']
-    assert lines[2].split()[2:] == ['0.1100', '0.2100']
-    assert lines[4].split()[2:] == ['0.0510', '-']
-    assert len({len(line) for line in lines}) == 1  # fixed width
