@@ -8,7 +8,7 @@ import importlib.util
 import os
 import sys
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lirdrec.py',
@@ -66,6 +66,8 @@ def _precheck(argv) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    # Orbax logs every save step at INFO through absl; progress lines are ours.
+    logging.set_verbosity(logging.WARNING)
     from lirdrec_jax import experiment  # heavy imports after flag parsing
     experiment.run(_CONFIG.value)
 

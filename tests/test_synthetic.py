@@ -1,0 +1,133 @@
+"""Tests of the embedded synthetic dataset generator (data_prep.synthetic)."""
+import numpy as np
+import pytest
+
+from data_prep import mmrec, synthetic
+from lirdrec_jax import data
+from lirdrec_jax.data import DataError
+
+SMALL = dict(n_users=200, n_items=120, image_dim=24, text_dim=16)
+FILES = ('small.inter', 'image_feat.npy', 'text_feat.npy')
+
+
+def read_inter(folder, name):
+    """The .inter file as a dict of int columns (checked header)."""
+    lines = (folder / f'{name}.inter').read_text().splitlines()
+    assert lines[0].split('\t') == ['userID', 'itemID', 'rating', 'timestamp', 'x_label']
+    cols = np.array([ln.split('\t') for ln in lines[1:]], dtype=np.int64)
+    return dict(zip(lines[0].split('\t'), cols.T))
+
+
+@pytest.fixture(scope='module')
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp('synthetic')
+    folder = synthetic.write_synthetic_dataset(root, 'small', seed=3, **SMALL)
+    return root, folder
+
+
+def test_deterministic_byte_identical(small, tmp_path):
+    _, folder = small
+    again = synthetic.write_synthetic_dataset(tmp_path, 'small', seed=3, **SMALL)
+    for fname in FILES:
+        assert (folder / fname).read_bytes() == (again / fname).read_bytes(), fname
+    other = synthetic.write_synthetic_dataset(tmp_path / 'other', 'small', seed=4, **SMALL)
+    assert (folder / 'small.inter').read_bytes() != (other / 'small.inter').read_bytes()
+
+
+def test_five_core_and_contiguous_ids(small):
+    _, folder = small
+    cols = read_inter(folder, 'small')
+    users, items = cols['userID'], cols['itemID']
+    n_users, n_items = users.max() + 1, items.max() + 1
+    assert np.array_equal(np.unique(users), np.arange(n_users))
+    assert np.array_equal(np.unique(items), np.arange(n_items))
+    assert np.bincount(users).min() >= 5 and np.bincount(items).min() >= 5
+    # (user, item) pairs are distinct: users draw without replacement.
+    assert np.unique(users * n_items + items).size == users.size
+    assert set(np.unique(cols['rating'])) <= {1, 2, 3, 4, 5}
+
+
+def test_every_user_has_each_split_in_time_order(small):
+    _, folder = small
+    cols = read_inter(folder, 'small')
+    users, labels, times = cols['userID'], cols['x_label'], cols['timestamp']
+    n_users = users.max() + 1
+    for label in (0, 1, 2):
+        assert np.array_equal(np.unique(users[labels == label]), np.arange(n_users)), label
+    # Each user's valid rows come after all train rows, test rows after all valid rows.
+    for earlier, later in ((0, 1), (1, 2)):
+        last = np.full(n_users, np.iinfo(np.int64).min)
+        np.maximum.at(last, users[labels == earlier], times[labels == earlier])
+        first = np.full(n_users, np.iinfo(np.int64).max)
+        np.minimum.at(first, users[labels == later], times[labels == later])
+        assert np.all(last < first)
+    share = np.bincount(labels) / labels.size
+    assert 0.7 < share[0] < 0.85 and 0.07 < share[1] < 0.16 and 0.07 < share[2] < 0.16
+
+
+def test_feature_shapes_and_properties(small):
+    _, folder = small
+    n_items = read_inter(folder, 'small')['itemID'].max() + 1
+    image = np.load(folder / 'image_feat.npy')
+    text = np.load(folder / 'text_feat.npy')
+    assert image.dtype == np.float32 and image.shape == (n_items, 24)
+    assert text.dtype == np.float32 and text.shape == (n_items, 16)
+    assert image.min() >= 0.0 and image.any(axis=1).all()
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)
+
+
+def test_load_mmrec_loads_it(small):
+    root, _ = small
+    ds = data.load_mmrec(root, 'small')
+    cols = read_inter(root / 'small', 'small')
+    assert ds.n_users == cols['userID'].max() + 1 and ds.n_items == cols['itemID'].max() + 1
+    assert ds.train.users.size + ds.valid.users.size + ds.test.users.size == cols['userID'].size
+    assert ds.image_feat.shape == (ds.n_items, 24) and ds.text_feat.shape == (ds.n_items, 16)
+    _, stats = mmrec.prepare_arrays(root / 'small', 'small')
+    assert stats['dropped_valid'] == 0 and stats['dropped_test'] == 0
+
+
+def test_default_dataset_generated_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(synthetic.CACHE_ENV, str(tmp_path / 'cache'))
+    assert synthetic.default_dataset_dir() == tmp_path / 'cache' / 'synthetic-v1'
+    data_dir, name = synthetic.ensure_default_dataset()
+    assert (data_dir, name) == (tmp_path / 'cache' / 'synthetic-v1', 'synthetic')
+    inter = data_dir / name / 'synthetic.inter'
+    stamp = inter.stat().st_mtime_ns
+    assert synthetic.ensure_default_dataset() == (data_dir, name)
+    assert inter.stat().st_mtime_ns == stamp  # reused, not regenerated
+    # No temporary folders are left next to it.
+    assert [p.name for p in (tmp_path / 'cache').iterdir()] == ['synthetic-v1']
+
+    ds = data.load_mmrec(data_dir, name)
+    assert ds.image_feat.shape[1] == 512 and ds.text_feat.shape[1] == 384
+    per_user = (ds.train.users.size + ds.valid.users.size + ds.test.users.size) / ds.n_users
+    assert 12 <= per_user <= 20
+    assert ds.n_users > 1400 and ds.n_items > 600
+
+
+def test_default_dataset_dir_without_env(tmp_path, monkeypatch):
+    monkeypatch.delenv(synthetic.CACHE_ENV, raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert synthetic.default_dataset_dir() == tmp_path / '.cache' / 'lirdrec_jax' / 'synthetic-v1'
+
+
+def test_incomplete_default_dataset_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv(synthetic.CACHE_ENV, str(tmp_path))
+    (tmp_path / 'synthetic-v1' / 'synthetic').mkdir(parents=True)
+    with pytest.raises(DataError, match=r'synthetic-v1 exists but lacks .*synthetic\.inter.*'
+                                        r'Delete .* to regenerate'):
+        synthetic.ensure_default_dataset()
+
+
+def test_cli_writes_and_summarizes(tmp_path, capsys):
+    assert synthetic.main(['--out_dir', str(tmp_path), '--name', 'cli', '--n_users', '120',
+                           '--n_items', '80', '--image_dim', '8', '--text_dim', '8']) == 0
+    out = capsys.readouterr().out
+    assert 'wrote' in out and 'split rows: train' in out
+    assert (tmp_path / 'cli' / 'cli.inter').is_file()
+
+
+def test_invalid_generator_arguments():
+    with pytest.raises(ValueError, match='min_length'):
+        synthetic.generate_synthetic(min_length=3)
