@@ -2,9 +2,10 @@
 
 Run (from the repository root):
   python -m lirdrec_jax.main --config configs/lirdrec.py
-      Embedded synthetic data (generated on first use, no download), one grid point. Trains to
-      early stopping in about a minute on 2 CPU cores and prints the valid/test table at the
-      best valid epoch next to a most-popular baseline, which it beats clearly.
+      Embedded synthetic data (generated on first use, no download), the reference's
+      hyper-parameters at one grid point. Trains to early stopping in about a minute and a half
+      on 2 CPU cores and prints the valid/test table at the best valid epoch next to a
+      most-popular baseline: test Recall@20 about 0.47 against 0.15.
   python -m lirdrec_jax.main --config configs/lirdrec.py:baby --config.data.data_dir=/data/mmrec
       MMRec's Amazon Baby (expects /data/mmrec/baby/baby.inter, image_feat.npy, text_feat.npy)
       over the reference's grid of 54 points (see `hyper_parameters`); prints one line per point
@@ -85,11 +86,8 @@ def get_config(arg: str = 'synthetic') -> ml_collections.ConfigDict:
     arg = arg or 'synthetic'
     c = base_config()
     if arg == 'synthetic':
-        # Small data: a larger step size and patience that fit a sub-3-minute run.
-        c.optim.learning_rate = (0.001,)
-        c.train.epochs = 300
-        c.train.stopping_step = 10
-        c.train.batch_size = 2048
+        # The reference's settings at one point of its grid; on the embedded data this early-stops
+        # after about 110 epochs (best near epoch 87) in about a minute on 2 CPU cores.
         return c
     if arg not in MMREC_DATASETS:
         raise ValueError(f'unknown config variant {arg!r}; expected one of '
