@@ -120,3 +120,28 @@ def test_divergence_names_epoch_and_batch(prepared, tmp_path):
     cfg.optim.learning_rate = 1e30
     with pytest.raises(train.TrainingDiverged, match=r'epoch 0, batch \d+'):
         train.train_and_evaluate(cfg, prepared, tmp_path)
+
+
+def test_train_step_compiles_once_across_epochs_with_edge_dropout(prepared):
+    """New dropout graphs, PWC weights and learning rates every epoch reuse one compilation."""
+    cfg = point_config(epochs=3)
+    cfg.model.dropout = 0.3
+    model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
+    from lirdrec_jax import optim, sampling
+    opt = optim.create_optimizer()
+    item_graph = train.create_item_graph(prepared, cfg.model.knn_k, 0.1)
+    state = train.create_train_state(jax.random.PRNGKey(0), model, opt, prepared.features,
+                                     train.lirdrec.Graphs(prepared.norm_adj, item_graph))
+    step = train.make_train_step(model, opt)
+    n_edges = prepared.edges.users.shape[0]
+    for epoch in range(3):
+        graphs = train.epoch_graphs(prepared, item_graph, 0.3, jax.random.PRNGKey(epoch),
+                                    prepared.dataset.n_users, prepared.dataset.n_items)
+        assert graphs.user_item.nse == 2 * int(n_edges * 0.7)
+        scalars = train.StepScalars(*(jax.numpy.float32(v) for v in (0.9 - epoch / 10, 0.1, 1e-3, 1e-3)))
+        batches = sampling.epoch_batches(sampling.epoch_rng(0, epoch), prepared.sampler, 64)
+        state, loss = train.run_epoch(step, state, batches, prepared.features, graphs, scalars,
+                                      epoch)
+        assert np.isfinite(loss)
+    assert batches.users.shape[0] > 2
+    assert step._cache_size() == 1
