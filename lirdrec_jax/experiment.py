@@ -56,16 +56,13 @@ def run_directory(cfg) -> Path:
     return path
 
 
-def _comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED}
-
-
 def _check_resumable(saved_path: Path, cfg_dict: dict) -> None:
+    """Refuse to resume a run whose saved config differs (outside RESUME_IGNORED)."""
     saved = json.loads(saved_path.read_text())
-    if _comparable(saved) != _comparable(json.loads(json.dumps(cfg_dict))):
-        diff = sorted(k for k in set(saved) | set(cfg_dict)
-                      if saved.get(k) != json.loads(json.dumps(cfg_dict)).get(k)
-                      and k not in RESUME_IGNORED)
+    current = json.loads(json.dumps(cfg_dict))  # tuples -> lists, as saved
+    diff = sorted(k for k in set(saved) | set(current)
+                  if k not in RESUME_IGNORED and saved.get(k) != current.get(k))
+    if diff:
         raise ValueError(f'cannot resume {saved_path.parent}: its config differs from this one '
                          f'in {diff}; resume with the same config, or start a new run')
 

@@ -212,6 +212,33 @@ def _state_to_save(state: TrainState, key: jax.Array) -> dict:
             'attention': state.attention, 'rng': jax.random.key_data(key)}
 
 
+EVAL_EMBEDDINGS = ('last_batch', 'fresh')
+
+
+def check_point_config(cfg, n_items: int) -> None:
+    """Reject values that would otherwise fail late or silently (names the config field)."""
+    metrics = [f'{m.lower()}@{k}' for m in cfg.eval.metrics for k in cfg.eval.topk]
+    checks = [
+        (cfg.eval.embeddings in EVAL_EMBEDDINGS, 'eval.embeddings',
+         f'one of {EVAL_EMBEDDINGS}'),
+        (cfg.eval.valid_metric.lower() in metrics, 'eval.valid_metric',
+         f'one of the computed metrics {metrics}'),
+        (max(cfg.eval.topk) <= n_items, 'eval.topk', f'cutoffs <= n_items={n_items}'),
+        (0.0 <= cfg.model.dropout < 1.0, 'model.dropout', 'in [0, 1)'),
+        (1 <= cfg.model.knn_k <= n_items, 'model.knn_k', f'in [1, n_items={n_items}]'),
+        (0.0 <= cfg.model.mm_image_weight <= 1.0, 'model.mm_image_weight', 'in [0, 1]'),
+        (0.0 <= cfg.model.decay_weight <= 1.0, 'model.decay_weight', 'in [0, 1]'),
+        (cfg.train.batch_size >= 1, 'train.batch_size', '>= 1'),
+        (cfg.train.eval_step >= 1, 'train.eval_step', '>= 1'),
+        (cfg.model.n_ui_layers >= 0 and cfg.model.n_mm_layers >= 0, 'model.n_*_layers', '>= 0'),
+    ]
+    for ok, field, expected in checks:
+        if not ok:
+            section, name = field.split('.', 1)
+            raise ValueError(f'config field {field} = {cfg[section].get(name)!r}; expected '
+                             f'{expected}')
+
+
 def train_and_evaluate(cfg, data: PreparedData, workdir: Path, *, resume: bool = False,
                        stop_after_epochs: Optional[int] = None) -> dict:
     """Train one grid point to early stopping; returns its result dict.
@@ -227,6 +254,7 @@ def train_and_evaluate(cfg, data: PreparedData, workdir: Path, *, resume: bool =
     ds = data.dataset
     m, o, t, e = cfg.model, cfg.optim, cfg.train, cfg.eval
     metric = e.valid_metric.lower()
+    check_point_config(cfg, ds.n_items)
     model = create_model(m, ds.n_users, ds.n_items)
     optimizer = optim.create_optimizer(float(o.weight_decay))
     item_graph = create_item_graph(data, int(m.knn_k), float(m.mm_image_weight))

@@ -145,3 +145,40 @@ def test_train_step_compiles_once_across_epochs_with_edge_dropout(prepared):
         assert np.isfinite(loss)
     assert batches.users.shape[0] > 2
     assert step._cache_size() == 1
+
+
+def test_fresh_evaluation_uses_the_epochs_final_parameters(prepared, tmp_path):
+    cfg = point_config(epochs=1)
+    cfg.eval.embeddings = 'fresh'
+    result = train.train_and_evaluate(cfg, prepared, tmp_path)
+    from lirdrec_jax import evaluation, optim
+    model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
+    graphs = train.lirdrec.Graphs(prepared.norm_adj,
+                                  train.create_item_graph(prepared, cfg.model.knn_k, 0.1))
+    template = train.create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(),
+                                        prepared.features, graphs)
+    ckpts = checkpointing.RunCheckpoints(tmp_path / 'ckpt', 2)
+    saved, progress = ckpts.restore(train._state_to_save(template, jax.random.PRNGKey(0)))
+    ckpts.close()
+    users, items, _ = model.apply({'params': saved['params']}, prepared.features, graphs,
+                                  progress['w1'], progress['w2'])
+    expected = evaluation.evaluate_full_sort(users, items, prepared.valid)
+    assert result['history'][0]['valid'] == expected
+    # ... and differs from the reference's default (embeddings of the last training forward).
+    cfg.eval.embeddings = 'last_batch'
+    default = train.train_and_evaluate(cfg, prepared, tmp_path / 'default')
+    assert default['history'][0]['loss'] == result['history'][0]['loss']
+    assert default['history'][0]['valid'] != result['history'][0]['valid']
+
+
+@pytest.mark.parametrize('section,field,value,message', [
+    ('eval', 'embeddings', 'latest', "eval.embeddings = 'latest'; expected one of"),
+    ('eval', 'valid_metric', 'recall@30', "eval.valid_metric = 'recall@30'"),
+    ('model', 'dropout', 1.0, 'model.dropout = 1.0; expected in'),
+    ('model', 'knn_k', 500, 'model.knn_k = 500; expected in'),
+])
+def test_bad_config_values_name_the_field(prepared, tmp_path, section, field, value, message):
+    cfg = point_config(epochs=1)
+    cfg[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(cfg, prepared, tmp_path)
