@@ -128,12 +128,9 @@ def create_train_state(key: jax.Array, model, optimizer, features, graphs) -> Tr
                       jnp.zeros((n_items, width), jnp.float32))
 
 
-def make_train_step(model, optimizer):
-    """Returns the jitted `train_step(state, batch, features, graphs, scalars) -> (state, loss)`.
-
-    The step is a pure function of its arguments; the batch is its only per-step input, so it
-    can be sharded over devices by jitting with shardings, without changing this code.
-    """
+def make_loss_fn(model):
+    """`loss_fn(params, batch, features, graphs, scalars) -> (loss, (users, items, attention))`:
+    BPR on the batch plus reg_weight * the L2 term over the full user and item matrices."""
 
     def loss_fn(params, batch: Batch, features, graphs, scalars: StepScalars):
         users, items, attention = model.apply({'params': params}, features, graphs,
@@ -142,6 +139,17 @@ def make_train_step(model, optimizer):
                                   items[batch.negatives], batch.weights)
         loss = ranking + scalars.reg_weight * losses.embedding_l2(users, items)
         return loss, (users, items, attention)
+
+    return loss_fn
+
+
+def make_train_step(model, optimizer):
+    """Returns the jitted `train_step(state, batch, features, graphs, scalars) -> (state, loss)`.
+
+    The step is a pure function of its arguments; the batch is its only per-step input, so it
+    can be sharded over devices by jitting with shardings, without changing this code.
+    """
+    loss_fn = make_loss_fn(model)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: Batch, features, graphs, scalars: StepScalars):
