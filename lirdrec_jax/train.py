@@ -143,6 +143,13 @@ def make_loss_fn(model):
     return loss_fn
 
 
+def apply_gradients(optimizer, params, opt_state, grads, learning_rate):
+    """One optimiser update: params - learning_rate * Adam(grads). Returns (params, opt_state)."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: -learning_rate * u, updates)
+    return optax.apply_updates(params, updates), opt_state
+
+
 def make_train_step(model, optimizer):
     """Returns the jitted `train_step(state, batch, features, graphs, scalars) -> (state, loss)`.
 
@@ -155,9 +162,8 @@ def make_train_step(model, optimizer):
     def train_step(state: TrainState, batch: Batch, features, graphs, scalars: StepScalars):
         (loss, (users, items, attention)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, features, graphs, scalars)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: -scalars.learning_rate * u, updates)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads,
+                                            scalars.learning_rate)
         return TrainState(params, opt_state, attention, users, items), loss
 
     return train_step

@@ -1,0 +1,204 @@
+"""Weights between the PyTorch reference's `state_dict` and our parameter pytree, both ways.
+
+The one name table, `PARAM_TABLE`, maps each reference key to our parameter path and says
+whether the tensor is transposed (PyTorch's Linear weight is (out, in); a Flax kernel is
+(in, out)). Conversions are plain numpy: no torch import is needed here.
+
+Reference-only keys: `image_embedding.weight` and `text_embedding.weight` are trainable copies
+of the frozen features that the reference's forward pass never reads (see
+docs/reference_quirks.md, D4). Importing checks that they equal our features; exporting fills
+them from the features, so that the reference model loads our state_dict with strict=True.
+"""
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+# reference key -> (our path, transpose)
+PARAM_TABLE: Dict[str, Tuple[Tuple[str, ...], bool]] = {
+    'v_preference': (('image_preference',), False),
+    't_preference': (('text_preference',), False),
+    'id_preference': (('spectral_preference',), False),
+}
+for _ref, _ours in (('v', 'image'), ('t', 'text'), ('s', 'spectral')):
+    PARAM_TABLE[f'{_ref}_MLP.weight'] = ((f'{_ours}_tower', 'hidden', 'kernel'), True)
+    PARAM_TABLE[f'{_ref}_MLP.bias'] = ((f'{_ours}_tower', 'hidden', 'bias'), False)
+    PARAM_TABLE[f'{_ref}_MLP_1.weight'] = ((f'{_ours}_tower', 'out', 'kernel'), True)
+for _w in ('a', 'b', 'c'):
+    for _layer in ('fc1', 'fc2'):
+        PARAM_TABLE[f'fusion_module.weco_{_w}.{_layer}.weight'] = (
+            ('fusion', f'weco_{_w}', _layer, 'kernel'), True)
+        PARAM_TABLE[f'fusion_module.weco_{_w}.{_layer}.bias'] = (
+            ('fusion', f'weco_{_w}', _layer, 'bias'), False)
+PARAM_TABLE['fusion_module.theta'] = (('fusion', 'theta'), False)
+
+FEATURE_KEYS = {'image_embedding.weight': 'image', 'text_embedding.weight': 'text'}
+
+
+class ConversionError(ValueError):
+    """A key is unknown or missing, or a shape does not match; the message names the key."""
+
+
+class ReferenceTrainingState(NamedTuple):
+    """What the reference keeps outside its state_dict, as module attributes.
+
+    Attributes:
+      attention: (n_users, 3) `fusion_module.last_att`, copied into theta at the next epoch.
+      w1, w2: `fusion_module.w1`, `fusion_module.w2`.
+      epochs_started: `cur_epoch` (the reference increments it at the start of each epoch).
+    """
+    attention: np.ndarray
+    w1: float
+    w2: float
+    epochs_started: int
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, 'detach'):  # a torch tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, np.float32)
+
+
+def _get(tree: Mapping, path: Tuple[str, ...]):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: Dict, path: Tuple[str, ...], value) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _flat_paths(tree: Mapping, prefix=()) -> list:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.extend(_flat_paths(v, prefix + (k,)))
+        else:
+            out.append(prefix + (k,))
+    return out
+
+
+def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
+                         features: Optional[Mapping[str, np.ndarray]] = None) -> Dict:
+    """Reference state_dict -> our params, checked against `template` (our initialised params).
+
+    Args:
+      state_dict: reference key -> tensor or array (a live model's `state_dict()` or a loaded
+        `.pt`).
+      template: our parameter pytree with the expected structure and shapes.
+      features: optional {'image': (n_items, d_v), 'text': (n_items, d_t)} our features; when
+        given, the reference's unused feature copies must equal them (atol 1e-6).
+
+    Returns:
+      A new parameter pytree of float32 numpy arrays.
+
+    Raises:
+      ConversionError: unknown key, missing key, or shape mismatch (named).
+    """
+    known = set(PARAM_TABLE) | set(FEATURE_KEYS)
+    unknown = sorted(set(state_dict) - known)
+    if unknown:
+        raise ConversionError(f'unknown reference key(s) {unknown}; known keys: {sorted(known)}')
+    missing = sorted(set(PARAM_TABLE) - set(state_dict))
+    if missing:
+        raise ConversionError(f'reference state_dict lacks key(s) {missing}')
+    params: Dict = {}
+    for ref_key, (path, transpose) in PARAM_TABLE.items():
+        value = _to_numpy(state_dict[ref_key])
+        value = value.T if transpose else value
+        try:
+            expected = tuple(np.shape(_get(template, path)))
+        except KeyError:
+            raise ConversionError(f'our parameters have no {"/".join(path)} for reference key '
+                                  f'{ref_key!r}') from None
+        if value.shape != expected:
+            raise ConversionError(f'shape mismatch for reference key {ref_key!r}: '
+                                  f'{_to_numpy(state_dict[ref_key]).shape} (as {value.shape} '
+                                  f'after transpose={transpose}), ours {"/".join(path)} is '
+                                  f'{expected}')
+        _set(params, path, value)
+    unmapped = sorted('/'.join(p) for p in _flat_paths(template)
+                      if not any(p == path for path, _ in PARAM_TABLE.values()))
+    if unmapped:
+        raise ConversionError(f'our parameters {unmapped} have no reference key')
+    if features is not None:
+        for ref_key, name in FEATURE_KEYS.items():
+            if ref_key in state_dict:
+                ref = _to_numpy(state_dict[ref_key])
+                if ref.shape != features[name].shape or not np.allclose(ref, features[name],
+                                                                          atol=1e-6):
+                    raise ConversionError(f'reference key {ref_key!r} does not hold our {name} '
+                                          f'features (shape {ref.shape} vs '
+                                          f'{features[name].shape})')
+    return params
+
+
+def params_to_state_dict(params: Mapping, features: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Our params -> a reference state_dict of numpy arrays (wrap with torch.from_numpy).
+
+    Args:
+      params: our parameter pytree.
+      features: {'image': ..., 'text': ...} to fill the reference's unused feature copies.
+    """
+    out = {}
+    for ref_key, (path, transpose) in PARAM_TABLE.items():
+        try:
+            value = np.asarray(_get(params, path), np.float32)
+        except KeyError:
+            raise ConversionError(f'our parameters lack {"/".join(path)} (reference key '
+                                  f'{ref_key!r})') from None
+        out[ref_key] = np.ascontiguousarray(value.T if transpose else value)
+    for ref_key, name in FEATURE_KEYS.items():
+        out[ref_key] = np.asarray(features[name], np.float32)
+    return out
+
+
+def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template: Mapping) -> dict:
+    """torch.optim.Adam state (by parameter index) -> {'count', 'mu', 'nu'} in our layout.
+
+    Args:
+      optimizer_state: `optimizer.state_dict()['state']`, keyed by the index of the parameter
+        in `model.parameters()` order.
+      param_names: the reference keys in `model.named_parameters()` order.
+      template: our parameter pytree (structure and shapes).
+
+    Returns:
+      {'count': int, 'mu': params-shaped, 'nu': params-shaped}; parameters without state
+      (never updated, e.g. the unused feature copies) are skipped, our parameters without a
+      reference moment get zeros.
+    """
+    mu = {}
+    nu = {}
+    count = 0
+    for index, name in enumerate(param_names):
+        state = optimizer_state.get(index)
+        if name in FEATURE_KEYS or state is None:
+            continue
+        path, transpose = PARAM_TABLE[name]
+        m, v = _to_numpy(state['exp_avg']), _to_numpy(state['exp_avg_sq'])
+        _set(mu, path, m.T if transpose else m)
+        _set(nu, path, v.T if transpose else v)
+        count = max(count, int(_to_numpy(state['step'])))
+    for path in _flat_paths(template):
+        if _path_missing(mu, path):
+            shape = np.shape(_get(template, path))
+            _set(mu, path, np.zeros(shape, np.float32))
+            _set(nu, path, np.zeros(shape, np.float32))
+    return {'count': count, 'mu': mu, 'nu': nu}
+
+
+def _path_missing(tree, path) -> bool:
+    try:
+        _get(tree, path)
+        return False
+    except KeyError:
+        return True
+
+
+def training_state_from_reference(model) -> ReferenceTrainingState:
+    """The PWC state a live reference model keeps in attributes."""
+    fusion = model.fusion_module
+    return ReferenceTrainingState(_to_numpy(fusion.last_att), float(fusion.w1), float(fusion.w2),
+                                  int(model.cur_epoch))

@@ -1,0 +1,211 @@
+"""Running the user's own checkout of the PyTorch reference (enoche/LIRDRec) on our data.
+
+We never ship or edit the reference's code: its `src/` folder is put on `sys.path` and its
+modules are imported from there, after a few compatibility shims for current libraries:
+
+- SciPy removed `dok_matrix._update`, which the reference uses to fill its adjacency matrix.
+  Removing the call instead would silently give an EMPTY graph; the shim restores the method
+  (a bulk update of the matrix's entry dict).
+- NumPy removed the `np.float` alias, which the reference's metrics use.
+- `torch.sparse.FloatTensor` (deprecated) is recreated with `torch.sparse_coo_tensor` if absent.
+- matplotlib (imported by the trainer only for an optional loss plot) is stubbed if missing.
+
+The reference reads its inputs through a config dict and a data loader; `ReferenceConfig` and
+`ReferenceTrainData` / `ReferenceEvalData` provide exactly the fields it reads, built from our
+`MMRecDataset`, so both implementations see the same data. The reference writes its kNN graph
+cache next to the features; we point it at a temporary folder holding links to the feature
+files, so nothing is written into the user's data.
+"""
+import importlib
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+from lirdrec_jax.data import MMRecDataset
+
+
+class ReferenceError_(RuntimeError):
+    """The reference checkout is missing, incomplete, or cannot be imported."""
+
+
+def _install_shims() -> None:
+    if not hasattr(sp.dok_matrix, '_update'):
+        def _update(self, data):
+            # SciPy >= 1.12 keeps the entries in `_dict`; older versions were dict subclasses.
+            store = getattr(self, '_dict', None)
+            (store if store is not None else super(sp.dok_matrix, self)).update(data)
+        sp.dok_matrix._update = _update
+    if not hasattr(np, 'float'):
+        np.float = float  # removed in NumPy 1.24; the reference's metrics use it
+    import torch
+    if not hasattr(torch.sparse, 'FloatTensor'):
+        torch.sparse.FloatTensor = lambda i, v, size: torch.sparse_coo_tensor(
+            i, v.float(), size)
+    try:
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType('matplotlib')
+        stub.pyplot = types.ModuleType('matplotlib.pyplot')
+        sys.modules.setdefault('matplotlib', stub)
+        sys.modules.setdefault('matplotlib.pyplot', stub.pyplot)
+
+
+def load_reference(checkout: os.PathLike) -> types.SimpleNamespace:
+    """Import the reference's model, trainer and evaluator modules from a checkout.
+
+    Args:
+      checkout: the folder of a clone of enoche/LIRDRec (holding `src/models/lirdrec.py`).
+
+    Returns:
+      A namespace with `LIRDRec` (model class), `Trainer`, `TopKEvaluator`, `metrics` module.
+    """
+    src = Path(checkout) / 'src'
+    model_file = src / 'models' / 'lirdrec.py'
+    if not model_file.is_file():
+        raise ReferenceError_(f'{model_file} not found: --reference must point at a clone of '
+                              'the reference repository enoche/LIRDRec (the folder holding src/)')
+    try:
+        import torch  # noqa: F401
+        import torch_dct  # noqa: F401
+    except ImportError as err:
+        raise ReferenceError_(f'the reference needs {err.name}: pip install -e .[parity]') from err
+    _install_shims()
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    try:
+        models = importlib.import_module('models.lirdrec')
+        trainer = importlib.import_module('common.trainer')
+        evaluator = importlib.import_module('utils.topk_evaluator')
+        metrics = importlib.import_module('utils.metrics')
+    except ImportError as err:
+        raise ReferenceError_(f'cannot import the reference from {src}: {err} (pip install -e '
+                              '.[parity] installs what it needs)') from err
+    return types.SimpleNamespace(LIRDRec=models.LIRDRec, Trainer=trainer.Trainer,
+                                 TopKEvaluator=evaluator.TopKEvaluator, metrics=metrics,
+                                 source=src)
+
+
+class ReferenceConfig(dict):
+    """The reference's Config: missing keys read as None (as its `Config.__getitem__` does)."""
+
+    def __missing__(self, key):
+        return None
+
+
+def reference_config(point_cfg, data_path: str, dataset_name: str) -> ReferenceConfig:
+    """The reference's config dict for one of our grid points (scalars)."""
+    m, o, t, e = point_cfg.model, point_cfg.optim, point_cfg.train, point_cfg.eval
+    return ReferenceConfig({
+        'model': 'LIRDRec', 'dataset': dataset_name, 'data_path': data_path,
+        'device': 'cpu', 'use_gpu': False, 'end2end': False, 'is_multimodal_model': True,
+        'vision_feature_file': point_cfg.data.image_file,
+        'text_feature_file': point_cfg.data.text_file,
+        'USER_ID_FIELD': 'userID', 'ITEM_ID_FIELD': 'itemID', 'NEG_PREFIX': 'neg__',
+        'embedding_size': m.embedding_size, 'feat_embed_dim': m.embedding_size,
+        'knn_k': m.knn_k, 'lambda_coeff': 0.9, 'cf_model': None, 'n_mm_layers': m.n_mm_layers,
+        'n_ui_layers': m.n_ui_layers, 'reg_weight': m.reg_weight,
+        'mm_image_weight': m.mm_image_weight, 'dropout': m.dropout, 'degree_ratio': None,
+        'decay_base': m.decay_base, 'decay_weight': m.decay_weight,
+        'learner': 'adam', 'learning_rate': o.learning_rate,
+        'learning_rate_scheduler': [o.lr_decay_factor, o.lr_decay_epochs],
+        'weight_decay': o.weight_decay, 'epochs': t.epochs, 'eval_step': t.eval_step,
+        'stopping_step': t.stopping_step, 'train_batch_size': t.batch_size,
+        'clip_grad_norm': None, 'valid_metric': e.valid_metric, 'valid_metric_bigger': True,
+        'eval_batch_size': e.batch_size, 'metrics': [x.capitalize() if x != 'ndcg' and x != 'map'
+                                                     else x.upper() for x in e.metrics],
+        'topk': list(e.topk), 'save_recommended_topk': False, 'eval_type': None,
+    })
+
+
+class _Counts:
+    def __init__(self, n_users, n_items):
+        self.n_users, self.n_items = n_users, n_items
+
+    def get_user_num(self):
+        return self.n_users
+
+    def get_item_num(self):
+        return self.n_items
+
+
+class ReferenceTrainData:
+    """What the reference model reads from its training data loader at construction."""
+
+    def __init__(self, dataset: MMRecDataset):
+        self.dataset = _Counts(dataset.n_users, dataset.n_items)
+        self._train = dataset.train
+
+    def inter_matrix(self, form='coo', value_field=None):
+        del value_field
+        mat = sp.coo_matrix((np.ones(self._train.users.size),
+                             (self._train.users, self._train.items)),
+                            shape=(self.dataset.n_users, self.dataset.n_items))
+        return mat if form == 'coo' else mat.tocsr()
+
+
+class ReferenceEvalData:
+    """The reference's EvalDataLoader interface over one of our `EvalSplit`s: batches of
+    [user ids, (2, m) mask matrix of (row in batch, training item)] and the ground truth."""
+
+    def __init__(self, split, batch_size: int):
+        import torch
+        self._torch, self.split, self.batch_size = torch, split, batch_size
+
+    def __iter__(self):
+        torch, s = self._torch, self.split
+        for start in range(0, s.n_eval, self.batch_size):
+            stop = min(start + self.batch_size, s.n_eval)
+            lo, hi = s.mask_indptr[start], s.mask_indptr[stop]
+            rows = np.repeat(np.arange(stop - start), np.diff(s.mask_indptr[start:stop + 1]))
+            mask = np.stack([rows, s.mask_items[lo:hi]]).astype(np.int64)
+            yield [torch.from_numpy(s.users[start:stop].astype(np.int64)),
+                   torch.from_numpy(mask)]
+
+    def get_eval_items(self):
+        s = self.split
+        return [s.truth_items[s.truth_indptr[i]:s.truth_indptr[i + 1]] for i in range(s.n_eval)]
+
+    def get_eval_len_list(self):
+        return np.asarray(self.split.pos_len)
+
+    def get_eval_users(self):
+        return self._torch.from_numpy(self.split.users.astype(np.int64))
+
+
+def staging_folder(dataset_dir: Path, dataset_name: str, image_file: str, text_file: str
+                   ) -> tempfile.TemporaryDirectory:
+    """A temporary `<tmp>/<name>/` with links to the feature files: the reference reads the
+    features there and writes its kNN cache there, never into the user's data folder."""
+    tmp = tempfile.TemporaryDirectory(prefix='lirdrec_parity_')
+    folder = Path(tmp.name) / dataset_name
+    folder.mkdir()
+    for name in (image_file, text_file):
+        source = Path(dataset_dir) / name
+        if source.exists():
+            os.symlink(source.absolute(), folder / name)
+    return tmp
+
+
+def build_reference_model(ref: Optional[types.SimpleNamespace], point_cfg,
+                          dataset: MMRecDataset, dataset_dir: Path, seed: int = 0,
+                          model_class: Optional[type] = None):
+    """Construct the reference model on our data. Returns (model, config, staging tempdir).
+
+    `model_class`, when given, is used instead of `ref.LIRDRec` (the tests use an independent
+    PyTorch restatement of the model).
+    """
+    import torch
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    tmp = staging_folder(dataset_dir, dataset.name, point_cfg.data.image_file,
+                         point_cfg.data.text_file)
+    config = reference_config(point_cfg, tmp.name + os.sep, dataset.name)
+    cls = model_class or ref.LIRDRec
+    model = cls(config, ReferenceTrainData(dataset))
+    return model, config, tmp
