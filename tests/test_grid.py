@@ -2,7 +2,7 @@
 import pytest
 
 from configs import lirdrec as lirdrec_config
-from lirdrec_jax import grid, main
+from lirdrec_jax import cli, grid
 
 
 def test_baby_grid_is_the_reference_product_without_weight_decay():
@@ -44,11 +44,11 @@ def test_unknown_hyper_parameter_is_an_error():
 
 def test_unknown_override_key_names_the_key_and_the_known_fields():
     cfg = lirdrec_config.get_config('baby')
-    main.check_override_keys(cfg, ['prog', '--config.model.knn_k=5', '--config.resume=True'])
-    with pytest.raises(main.ConfigKeyError, match=r"unknown config key 'model.knn' .*knn_k"):
-        main.check_override_keys(cfg, ['prog', '--config.model.knn=5'])
-    with pytest.raises(main.ConfigKeyError, match="top level has no field 'modle'"):
-        main.check_override_keys(cfg, ['prog', '--config.modle.knn_k=5'])
+    cli.check_override_keys(cfg, ['prog', '--config.model.knn_k=5', '--config.resume=True'])
+    with pytest.raises(cli.ConfigKeyError, match=r"unknown config key 'model.knn' .*knn_k"):
+        cli.check_override_keys(cfg, ['prog', '--config.model.knn=5'])
+    with pytest.raises(cli.ConfigKeyError, match="top level has no field 'modle'"):
+        cli.check_override_keys(cfg, ['prog', '--config.modle.knn_k=5'])
 
 
 def test_unknown_variant_is_an_error():

@@ -1,0 +1,64 @@
+"""`python -m lirdrec_jax.parity --reference PATH --config configs/lirdrec.py[:variant] [...]`
+
+Builds the PyTorch reference from the user's own checkout of enoche/LIRDRec and ours on the
+same data, copies the reference's initial weights into ours, and prints, for every checked
+quantity, the max absolute and relative difference, the tolerance and PASS/FAIL. Exit status
+1 if any check fails. See docs/parity.md for what is checked and why the tolerances are what
+they are.
+
+With a grid config, the point given by --point (default 0, the first) is checked.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lirdrec.py',
+                                          'Config file, optionally with :variant.')
+_REFERENCE = flags.DEFINE_string('reference', None, 'Path of a clone of enoche/LIRDRec.')
+_EPOCHS = flags.DEFINE_integer('epochs', 3, 'Epochs to train both sides on identical batches.')
+_POINT = flags.DEFINE_integer('point', 0, 'Index of the grid point to check.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the reference initialisation and the batches.')
+
+
+def dataset_folder(data_cfg):
+    """(<data_dir>/<dataset> folder, dataset) of the configured data (the embedded default is
+    generated on first use)."""
+    if not data_cfg.data_dir:
+        from data_prep import synthetic
+        data_dir, name = synthetic.ensure_default_dataset()
+        return os.path.join(data_dir, name)
+    return os.path.join(data_cfg.data_dir, data_cfg.dataset)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if not _REFERENCE.value:
+        raise app.UsageError('--reference PATH (a clone of enoche/LIRDRec) is required')
+    logging.set_verbosity(logging.WARNING)
+    import torch
+    from lirdrec_jax import experiment, grid
+    from lirdrec_jax.parity import checks, reference, run
+    torch.set_num_threads(os.cpu_count() or 1)
+    points = grid.expand_grid(_CONFIG.value)
+    if not 0 <= _POINT.value < len(points):
+        raise app.UsageError(f'--point {_POINT.value}: the config has {len(points)} grid points')
+    point = points[_POINT.value]
+    print(f'grid point {point.index}: ' + ', '.join(f'{k}={v}' for k, v in point.values.items()))
+    try:
+        side = run.reference_side(_REFERENCE.value)
+    except reference.ReferenceError_ as err:
+        sys.exit(f'error: {err}')
+    dataset = experiment.load_dataset(_CONFIG.value.data)
+    results = run.run_parity(side, point.config, dataset, dataset_folder(_CONFIG.value.data),
+                             epochs=_EPOCHS.value, seed=_SEED.value)
+    print(checks.report(results))
+    sys.exit(0 if all(c.passed for c in results) else 1)
+
+
+if __name__ == '__main__':
+    from lirdrec_jax.cli import precheck
+    precheck(sys.argv)
+    app.run(main)
