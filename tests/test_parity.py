@@ -129,7 +129,8 @@ def test_parity_passes_against_the_independent_restatement(small):
     for expected in ('user-item adjacency: values', 'item-item kNN graph: structure',
                      'DCT view features', 'forward: user embeddings', 'loss on one batch',
                      'gradient v_MLP.weight', 'after one Adam step fusion_module.theta',
-                     'valid top-50 lists', 'epoch 1 start: theta (last attention)',
+                     'valid top-50 lists', 'epoch boundary: theta <- last attention',
+                     'PWC w1, w2 at epoch 2', 'epoch 1 start: theta (last attention)',
                      'epoch 1: test metrics', 'parameters after 2 epochs'):
         assert expected in names
     # Every parameter the loss depends on (all but the reference's two unused feature copies).

@@ -26,11 +26,13 @@ TOL_ATT = 1e-5            # absolute, on softmax attention
 TOL_LOSS = 1e-5           # relative, on a batch loss
 TOL_GRAD = 1e-4           # times max|grad| of the parameter
 TOL_STEP = 1e-3           # times the learning rate, on parameters after one Adam step
-TOL_THETA = 1e-5          # absolute, theta after the epoch-boundary overwrite
+# Two float32 training runs drift apart: an element whose gradient is at rounding-noise level
+# gets Adam steps of up to ~(1-b1)/sqrt(1-b2) = 3.16 lr in a direction set by the noise, on each
+# side. After steps with learning rates summing to S, elements can differ by up to 2*3.16*S.
+ADAM_DRIFT = 6.4
 TOL_EPOCH_LOSS = 1e-3     # relative, on an epoch's summed loss after several epochs
 TOL_METRIC_SAME_EMB = 1e-4   # one unit of the 4-decimal rounding
 TOL_METRIC_TRAINED = 5e-3    # after independent float32 training on both sides
-TOL_PARAMS_TRAINED = 1e-2    # times max|param|, after the trained epochs
 
 
 class ReferenceSide(NamedTuple):
@@ -221,7 +223,8 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
     batch = train.Batch(*(jnp.asarray(a[0]) for a in batches))
     scalars = train.StepScalars(*(jnp.float32(v) for v in
                                   (w1, w2, float(o.learning_rate), float(m.reg_weight))))
-    (loss, _), grads = jax.value_and_grad(train.make_loss_fn(model), has_aux=True)(
+    (loss, (_, _, batch_att)), grads = jax.value_and_grad(train.make_loss_fn(model),
+                                                          has_aux=True)(
         params, batch, prepared.features, graphs, scalars)
     out.append(C.compare('loss on one batch', float(loss), ref_loss.item(), atol=0,
                          rtol=TOL_LOSS))
@@ -248,6 +251,18 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
         bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
         out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
                                   f'|d| <= {TOL_STEP:g} lr + implied'))
+
+    # Epoch boundary right after that step: w1/w2 of epoch 2, and theta overwritten with the
+    # attention of the last forward (this batch's, computed before the step) while Adam's
+    # moments are kept. Compared here, from identical parameters, the overwrite is exact; after
+    # whole epochs the two float32 trajectories have drifted (see the training checks).
+    ref_model.pre_epoch_processing()
+    w1b, w2b = lirdrec.pwc_weights_for_epoch(w1, w2, 2, float(m.decay_base))
+    out.append(C.compare('PWC w1, w2 at epoch 2', [w1b, w2b],
+                         [ref_model.fusion_module.w1, ref_model.fusion_module.w2], atol=1e-12))
+    theta = train.with_theta(after, batch_att)['fusion']['theta']
+    out.append(C.compare('epoch boundary: theta <- last attention', theta,
+                         _numpy(ref_model.fusion_module.theta), atol=TOL_ATT))
 
     # Top-k lists and metrics from identical embeddings (the reference's forward above).
     capture = _TopkCapture(trainer)
@@ -296,6 +311,7 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
     step = train.make_train_step(model, optimizer)
     w1, w2 = float(m.decay_weight), 1.0 - float(m.decay_weight)
     metrics, ks = tuple(e.metrics), tuple(e.topk)
+    lr_sum = 0.0  # sum of the learning rates of all steps so far
     for epoch in range(epochs):
         log(f'training epoch {epoch} on both sides ...')
         ref_model.pre_epoch_processing()
@@ -307,7 +323,8 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
                                  atol=1e-12))
             out.append(C.compare(f'epoch {epoch} start: theta (last attention)',
                                  state.params['fusion']['theta'],
-                                 _numpy(ref_model.fusion_module.theta), atol=TOL_THETA))
+                                 _numpy(ref_model.fusion_module.theta),
+                                 atol=ADAM_DRIFT * lr_sum, note='trajectory drift'))
         batches = sampling.epoch_batches(sampling.epoch_rng(seed, epoch), prepared.sampler,
                                          int(t.batch_size))
         ref_loss, _ = trainer._train_epoch([_torch_batch(batches, b)
@@ -318,6 +335,7 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
         scalars = train.StepScalars(*(jnp.float32(v) for v in (w1, w2, lr, float(m.reg_weight))))
         state, loss = train.run_epoch(step, state, batches, prepared.features, graphs, scalars,
                                       epoch)
+        lr_sum += lr * batches.users.shape[0]
         out.append(C.compare(f'epoch {epoch}: summed training loss', loss, float(ref_loss),
                              atol=0, rtol=TOL_EPOCH_LOSS))
         for name, split in (('valid', prepared.valid), ('test', prepared.test)):
@@ -328,9 +346,9 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
                                        {k.lower(): v for k, v in ref_metrics.items()},
                                        atol=TOL_METRIC_TRAINED))
     ours_params = _our_params_by_reference_key(state.params, prepared.dataset)
-    worst = max((np.abs(ours_params[k] - _numpy(p)).max() / max(np.abs(_numpy(p)).max(), 1e-12),
-                 k) for k, p in ref_model.named_parameters() if k in convert.PARAM_TABLE)
-    out.append(C.Check(f'parameters after {epochs} epochs', float(worst[0]), 0.0,
-                       f'|d| <= {TOL_PARAMS_TRAINED:g} * max|param|',
-                       worst[0] <= TOL_PARAMS_TRAINED, f'worst: {worst[1]}'))
+    worst = max((float(np.abs(ours_params[k] - _numpy(p)).max()), k)
+                for k, p in ref_model.named_parameters() if k in convert.PARAM_TABLE)
+    out.append(C.Check(f'parameters after {epochs} epochs', worst[0], 0.0,
+                       f'|d| <= {ADAM_DRIFT:g} * sum(lr)', worst[0] <= ADAM_DRIFT * lr_sum,
+                       f'trajectory drift, worst: {worst[1]}'))
     return out
