@@ -161,3 +161,16 @@ def test_parity_fails_against_a_perturbed_model(small, model_class, failing):
     by_name = {c.name: c for c in results}
     assert not by_name[failing].passed
     assert not all(c.passed for c in results)
+
+
+def test_saved_state_dict_file_converts(small, tmp_path):
+    dataset, folder, point = small
+    model = restated_model(dataset, folder, point)
+    torch.save(model.state_dict(), tmp_path / 'model.pt')
+    params = convert.state_dict_to_params(convert.load_state_dict_file(tmp_path / 'model.pt'),
+                                          our_params(dataset, point), features(dataset))
+    np.testing.assert_array_equal(params['fusion']['theta'],
+                                  model.fusion_module.theta.detach().numpy())
+    torch.save([1, 2], tmp_path / 'not_a_state_dict.pt')
+    with pytest.raises(convert.ConversionError, match='not_a_state_dict.pt holds a list'):
+        convert.load_state_dict_file(tmp_path / 'not_a_state_dict.pt')

@@ -135,6 +135,16 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
     return params
 
 
+def load_state_dict_file(path) -> Dict[str, np.ndarray]:
+    """A reference state_dict saved with `torch.save(model.state_dict(), path)`, as numpy."""
+    import torch
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ConversionError(f'{path} holds a {type(state).__name__}, expected a state_dict '
+                              '(a mapping of parameter names to tensors)')
+    return {k: _to_numpy(v) for k, v in state.items()}
+
+
 def params_to_state_dict(params: Mapping, features: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Our params -> a reference state_dict of numpy arrays (wrap with torch.from_numpy).
 

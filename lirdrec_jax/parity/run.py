@@ -174,6 +174,16 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
         {k: _numpy(v) for k, v in ref_model.state_dict().items()}, template,
         features={'image': dataset.image_feat, 'text': dataset.text_feat})
     params = jax.tree.map(jnp.asarray, params)
+    # Export: our params as a state_dict that the reference model loads with strict=True.
+    exported = convert.params_to_state_dict(jax.tree.map(np.asarray, params),
+                                            {'image': dataset.image_feat, 'text': dataset.text_feat})
+    probe = copy.deepcopy(ref_model)
+    probe.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    results.append(C.exact('export: state_dict loaded by the reference (strict)',
+                           np.concatenate([_numpy(v).ravel() for v in probe.state_dict().values()]),
+                           np.concatenate([_numpy(v).ravel()
+                                           for v in ref_model.state_dict().values()])))
+    del probe
 
     # The train step donates its input state: each phase gets its own copy of the weights.
     fresh = lambda: jax.tree.map(jnp.array, params)
