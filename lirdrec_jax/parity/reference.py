@@ -209,3 +209,86 @@ def build_reference_model(ref: Optional[types.SimpleNamespace], point_cfg,
     cls = model_class or ref.LIRDRec
     model = cls(config, ReferenceTrainData(dataset))
     return model, config, tmp
+
+
+def _stub_image_modules() -> None:
+    """utils/dataset.py imports image helpers (torchvision, PIL, lmdb) that the MMRec feature
+    datasets never use; stub them when absent so its RecDataset can be imported."""
+    for name in ('lmdb',):
+        if importlib.util.find_spec(name) is None:
+            sys.modules.setdefault(name, types.ModuleType(name))
+    if 'utils.data_utils' not in sys.modules:
+        try:
+            importlib.import_module('utils.data_utils')
+        except ImportError:
+            stub = types.ModuleType('utils.data_utils')
+            for attr in ('ImageResize', 'ImagePad', 'image_to_tensor',
+                         'load_decompress_img_from_lmdb_value'):
+                setattr(stub, attr, None)
+            sys.modules['utils.data_utils'] = stub
+
+
+def reference_loaders(config: ReferenceConfig, dataset: MMRecDataset) -> tuple:
+    """The reference's own TrainDataLoader (its Python negative sampling included) and
+    EvalDataLoaders over our splits. Returns (train, valid, test)."""
+    import pandas as pd
+    _stub_image_modules()
+    rec_dataset = importlib.import_module('utils.dataset').RecDataset
+    loaders = importlib.import_module('utils.dataloader')
+    config.update({'inter_splitting_label': 'x_label', 'use_full_sampling': False,
+                   'use_neg_sampling': True, 'use_neighborhood_loss': False})
+
+    def wrap(split):
+        ds = rec_dataset(config, df=pd.DataFrame({'userID': split.users.astype(np.int64),
+                                                  'itemID': split.items.astype(np.int64)}))
+        ds.user_num, ds.item_num = dataset.n_users, dataset.n_items
+        ds.inter_num = len(ds.df)
+        return ds
+
+    train, valid, test = wrap(dataset.train), wrap(dataset.valid), wrap(dataset.test)
+    train_loader = loaders.TrainDataLoader(config, train, batch_size=config['train_batch_size'],
+                                           shuffle=True)
+    make_eval = lambda ds: loaders.EvalDataLoader(config, ds, additional_dataset=train,
+                                                  batch_size=config['eval_batch_size'])
+    return train_loader, make_eval(valid), make_eval(test)
+
+
+def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
+    """Time the reference on `dataset` at the first point of the Baby grid: model construction,
+    `args.epochs` training epochs (its own loader and sampling) and valid + test evaluation.
+
+    Returns:
+      {'construct_seconds', 'epoch_seconds': [...], 'eval_seconds', 'parameters'}.
+    """
+    import time
+    import torch
+    from configs import lirdrec as lirdrec_config
+    from lirdrec_jax import grid
+    ref = load_reference(checkout)
+    point = grid.expand_grid(lirdrec_config.get_config('baby'))[0].config
+    with tempfile.TemporaryDirectory(prefix='lirdrec_bench_ref_') as tmp:
+        folder = Path(tmp) / dataset.name
+        folder.mkdir()
+        np.save(folder / point.data.image_file, dataset.image_feat)
+        np.save(folder / point.data.text_file, dataset.text_feat)
+        config = reference_config(point, tmp + os.sep, dataset.name)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        train_data, valid_data, test_data = reference_loaders(config, dataset)
+        model = ref.LIRDRec(config, train_data)
+        construct = time.perf_counter() - start
+        trainer = ref.Trainer(config, model)
+        epoch_seconds = []
+        for epoch in range(int(getattr(args, 'epochs', 1))):
+            start = time.perf_counter()
+            model.pre_epoch_processing()
+            trainer._train_epoch(train_data, epoch)
+            trainer.lr_scheduler.step()
+            epoch_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        trainer.evaluate(valid_data)
+        trainer.evaluate(test_data)
+        eval_seconds = time.perf_counter() - start
+    return {'construct_seconds': construct, 'epoch_seconds': epoch_seconds,
+            'eval_seconds': eval_seconds,
+            'parameters': int(sum(p.numel() for p in model.parameters()))}
