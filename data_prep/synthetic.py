@@ -26,6 +26,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from data_prep import writer
+# k_core and temporal_split live in data_prep.interactions, shared with the raw-data commands;
+# they are imported here under their old names.
+from data_prep.interactions import k_core, temporal_split  # noqa: F401
 from lirdrec_jax.data import DataError
 
 PathLike = Union[str, os.PathLike]
@@ -35,7 +39,7 @@ DEFAULT_NAME = 'synthetic'
 # on disk under this name and would otherwise be silently reused in its old form.
 DEFAULT_VERSION = 'synthetic-v1'
 CACHE_ENV = 'LIRDREC_JAX_CACHE'
-INTER_HEADER = ('userID', 'itemID', 'rating', 'timestamp', 'x_label')
+INTER_HEADER = writer.INTER_HEADER
 # Timestamps are seconds in [T0, T0 + SPAN): 2014-01-01 onwards, over four years.
 T0 = 1_388_534_400
 SPAN = 4 * 365 * 86_400
@@ -138,52 +142,6 @@ def sample_interactions(rng: np.random.Generator, user_f: np.ndarray, item_f: np
     users = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)[take]
     items = order[take]
     return users.astype(np.int64), items.astype(np.int64), score[users, items]
-
-
-def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """(n,) bool mask of the rows kept by iterated k-core filtering.
-
-    Removing a sparse item can push a user below k and vice versa, so the filter repeats until
-    every remaining user and item has at least k rows.
-    """
-    keep = np.ones(users.shape[0], dtype=bool)
-    n_users, n_items = int(users.max(initial=-1)) + 1, int(items.max(initial=-1)) + 1
-    while keep.any():
-        u_count = np.bincount(users[keep], minlength=n_users)
-        i_count = np.bincount(items[keep], minlength=n_items)
-        new_keep = keep & (u_count[users] >= k) & (i_count[items] >= k)
-        if new_keep.sum() == keep.sum():
-            return keep
-        keep = new_keep
-    return keep
-
-
-def temporal_split(users: np.ndarray, timestamps: np.ndarray, valid_ratio: float,
-                   test_ratio: float) -> np.ndarray:
-    """x_label per row: each user's latest rows are test, the ones before valid, the rest train.
-
-    Args:
-      users: (n,) user ids, rows sorted by (user, timestamp).
-      timestamps: (n,) times, only used to check the order.
-      valid_ratio, test_ratio: fractions of each user's rows, at least one row each.
-
-    Returns:
-      (n,) int64 labels 0 (train) / 1 (valid) / 2 (test).
-    """
-    same_user = np.diff(users) == 0
-    assert np.all(np.diff(users) >= 0) and np.all(np.diff(timestamps)[same_user] >= 0), \
-        'rows must be sorted by (user, timestamp)'
-    counts = np.bincount(users)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(users.shape[0]) - start[users]                  # position within the user
-    n = counts[users]
-    # Rounded like MMRec's per-user 8:1:1 split, but never below one valid and one test row.
-    n_test = np.maximum(1, np.floor(n * test_ratio + 0.5)).astype(np.int64)
-    n_valid = np.maximum(1, np.floor(n * valid_ratio + 0.5)).astype(np.int64)
-    labels = np.zeros(users.shape[0], dtype=np.int64)
-    labels[rank >= n - n_test - n_valid] = 1
-    labels[rank >= n - n_test] = 2
-    return labels
 
 
 def item_features(rng: np.random.Generator, item_f: np.ndarray, image_dim: int, text_dim: int,
@@ -298,10 +256,8 @@ def generate_synthetic(*, n_users: int = 1500, n_items: int = 800, seed: int = 0
 
 def format_inter(data: SyntheticData) -> str:
     """The `.inter` text: tab-separated, header line first, one row per interaction."""
-    header = '\t'.join(INTER_HEADER)
-    cols = np.stack([data.users, data.items, data.ratings, data.timestamps, data.x_label], 1)
-    body = '\n'.join('\t'.join(map(str, row)) for row in cols.tolist())
-    return f'{header}\n{body}\n'
+    return writer.format_inter(data.users, data.items, data.ratings, data.timestamps,
+                               data.x_label)
 
 
 def write_synthetic_dataset(out_dir: PathLike, name: str = DEFAULT_NAME, *, n_users: int = 1500,
