@@ -13,21 +13,26 @@ def log(message: str) -> None:
 
 
 class BatchProgress:
-    """Prints `epoch E: b/B batches` about ten times per epoch, only for long epochs."""
+    """Prints `epoch E: b/B batches [t s]` during long epochs: at most one line every `every`
+    seconds, so a fast epoch prints nothing and a log file does not fill with batch lines.
 
-    def __init__(self, epoch: int, n_batches: int, min_batches: int = 20):
-        self.epoch, self.n_batches = epoch, n_batches
-        self.every = max(1, n_batches // 10) if n_batches >= min_batches else 0
-        self.start = time.perf_counter()
+    Checking the time needs the step's result on the host (`block_until_ready`); the caller
+    does that only when `should_report()` says a report may be due, i.e. every `check_every` batches.
+    """
+
+    def __init__(self, epoch: int, n_batches: int, every: float = 10.0, check_every: int = 5):
+        self.epoch, self.n_batches, self.every, self.check_every = epoch, n_batches, every, check_every
+        self.start = self.last = time.perf_counter()
 
     def should_report(self, batch_index: int) -> bool:
-        return bool(self.every) and (batch_index + 1) % self.every == 0 \
-            and batch_index + 1 < self.n_batches
+        return (batch_index + 1) % self.check_every == 0 and batch_index + 1 < self.n_batches
 
     def report(self, batch_index: int) -> None:
-        elapsed = time.perf_counter() - self.start
-        print(f'  epoch {self.epoch}: {batch_index + 1}/{self.n_batches} batches '
-              f'[{elapsed:.1f}s]', file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f'  epoch {self.epoch}: {batch_index + 1}/{self.n_batches} batches '
+                  f'[{now - self.start:.1f}s]', file=sys.stderr, flush=True)
 
 
 def epoch_line(epoch: int, loss: float, train_seconds: float, eval_seconds: float,
