@@ -4,6 +4,20 @@ traceback). No flags are defined here."""
 import importlib.util
 import os
 
+# Short spellings accepted on the command line, rewritten before parsing.
+# `--config.data_dir=/data/mmrec` is how the project's docs first wrote the data path.
+OVERRIDE_ALIASES = {'--config.data_dir': '--config.data.data_dir'}
+
+
+def apply_aliases(argv: list) -> list:
+    """argv with aliased override keys rewritten (`--config.data_dir=X` -> `--config.data.data_dir=X`)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition('=')
+        out.append(OVERRIDE_ALIASES.get(key, key) + sep + value if key in OVERRIDE_ALIASES
+                   else arg)
+    return out
+
 
 class ConfigKeyError(KeyError):
     def __str__(self):

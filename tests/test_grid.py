@@ -54,3 +54,12 @@ def test_unknown_override_key_names_the_key_and_the_known_fields():
 def test_unknown_variant_is_an_error():
     with pytest.raises(ValueError, match="unknown config variant 'babby'"):
         lirdrec_config.get_config('babby')
+
+
+def test_data_dir_shorthand_is_rewritten():
+    argv = ['prog', '--config=configs/lirdrec.py:baby', '--config.data_dir=/data/mmrec',
+            '--config.model.knn_k=5']
+    assert cli.apply_aliases(argv) == ['prog', '--config=configs/lirdrec.py:baby',
+                                       '--config.data.data_dir=/data/mmrec',
+                                       '--config.model.knn_k=5']
+    cli.check_override_keys(lirdrec_config.get_config('baby'), cli.apply_aliases(argv))

@@ -52,10 +52,11 @@ def test_unknown_config_key_is_a_clear_error():
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    out = run_cli('--config', 'configs/lirdrec.py:baby', f'--config.data.data_dir={tmp_path}',
+    out = run_cli('--config', 'configs/lirdrec.py:baby', f'--config.data_dir={tmp_path}',
                   f'--config.checkpoint.output_dir={tmp_path / "runs"}')
     assert out.returncode != 0
     assert f'{tmp_path / "baby"}' in out.stderr and 'does not exist' in out.stderr
+    assert 'Traceback' not in out.stderr and out.stderr.startswith('error: ')
 
 
 def small_config(data_dir, out_dir, **train):

@@ -59,6 +59,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from lirdrec_jax.cli import precheck
+    from lirdrec_jax.cli import apply_aliases, precheck
+    # config_flags reads the overrides from sys.argv itself, so the rewrite goes there.
+    sys.argv[:] = apply_aliases(sys.argv)
     precheck(sys.argv)
     app.run(main)
