@@ -10,10 +10,13 @@ Per split (valid or test):
 - recall / ndcg / precision / map at each k are averaged over users and rounded to 4 decimals.
 
 Scoring and top-k run on the accelerator in fixed-shape batches (one compilation per split);
-hits and metrics are vectorised numpy on the host, with the same arithmetic as the reference so
+given a `parallel.Partitioner`, each device ranks its own batch of users (the users are split
+over the devices; every device holds all items), with per-user results identical to one device.
+Hits and metrics are vectorised numpy on the host, with the same arithmetic as the reference so
 that the rounded values agree.
 """
-from typing import Dict, NamedTuple, Sequence, Tuple
+import functools
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -183,8 +186,17 @@ def _batched_mask_pairs(split: EvalSplit, batch: int) -> Tuple[np.ndarray, np.nd
     return rows, cols
 
 
+@functools.lru_cache(maxsize=None)
+def _sharded_topk(partitioner, k: int):
+    """`_topk_batch` once per device on that device's block of users (cached per mesh and k)."""
+    def per_device(user_emb, item_emb, users, rows, cols):
+        # users: (batch,), rows/cols: (1, p): this device's block.
+        return _topk_batch(user_emb, item_emb, users, rows[0], cols[0], k=k)
+    return partitioner.map_blocks(per_device, n_replicated=2, n_split=3)
+
+
 def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
-                   batch_size: int = 4096) -> np.ndarray:
+                   batch_size: int = 4096, partitioner=None) -> np.ndarray:
     """Ranks all items for every evaluated user, training items masked with -1e10.
 
     Args:
@@ -192,13 +204,17 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
       item_emb: (n_items, d) float32, jax or numpy.
       split: the evaluated split.
       k: list length; must not exceed n_items.
-      batch_size: users per accelerator batch (capped at n_eval to avoid useless padding).
+      batch_size: users per accelerator batch (capped at n_eval to avoid useless padding); with
+        a partitioner, users per device and dispatch.
+      partitioner: a `parallel.Partitioner` to spread the batches over its devices; None runs
+        on the default device.
 
     Returns:
       (n_eval, k) int32 item ids, best first, rows in `split.users` order.
     """
-    user_emb = jnp.asarray(user_emb, jnp.float32)
-    item_emb = jnp.asarray(item_emb, jnp.float32)
+    if partitioner is None:
+        user_emb = jnp.asarray(user_emb, jnp.float32)
+        item_emb = jnp.asarray(item_emb, jnp.float32)
     n_items = item_emb.shape[0]
     if not 0 < k <= n_items:
         raise ValueError(f'k={k} must be in [1, n_items={n_items}]')
@@ -206,16 +222,32 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
         return np.zeros((0, k), np.int32)
     batch = max(1, min(int(batch_size), split.n_eval))
     n_batches = -(-split.n_eval // batch)
+    # With a partitioner, whole groups of one batch per device (dummy batches at the end).
+    n_dev = 1 if partitioner is None else partitioner.n_devices
+    n_blocks = -(-n_batches // n_dev) * n_dev
     # Pad the last batch with user 0; its rows are cut off below.
-    users = np.zeros(n_batches * batch, np.int32)
+    users = np.zeros(n_blocks * batch, np.int32)
     users[:split.n_eval] = split.users
-    users = users.reshape(n_batches, batch)
+    users = users.reshape(n_blocks, batch)
     rows, cols = _batched_mask_pairs(split, batch)
+    if partitioner is None:
+        # Dispatch every batch before fetching any result so host and device work overlap.
+        outs = [_topk_batch_jit(user_emb, item_emb, users[b], rows[b], cols[b], k=k)
+                for b in range(n_batches)]
+        topk = np.concatenate([np.asarray(o) for o in outs], axis=0)
+        return topk[:split.n_eval]
 
-    # Dispatch every batch before fetching any result so host and device work overlap.
-    outs = [_topk_batch_jit(user_emb, item_emb, users[b], rows[b], cols[b], k=k)
-            for b in range(n_batches)]
-    topk = np.concatenate([np.asarray(o) for o in outs], axis=0)
+    rows = np.concatenate([rows, np.full((n_blocks - n_batches, rows.shape[1]), batch,
+                                         np.int32)])  # dummy blocks: every pair dropped
+    cols = np.concatenate([cols, np.zeros((n_blocks - n_batches, cols.shape[1]), np.int32)])
+    user_emb, item_emb = partitioner.replicate((jnp.asarray(user_emb, jnp.float32),
+                                                jnp.asarray(item_emb, jnp.float32)))
+    ranked = _sharded_topk(partitioner, k)
+    outs = []
+    for g in range(0, n_blocks, n_dev):
+        blocks = (users[g:g + n_dev].reshape(-1), rows[g:g + n_dev], cols[g:g + n_dev])
+        outs.append(ranked(user_emb, item_emb, *(partitioner.split(a, 0) for a in blocks)))
+    topk = np.concatenate([partitioner.to_host(o) for o in outs], axis=0)
     return topk[:split.n_eval]
 
 
@@ -334,7 +366,7 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
 def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
                        metrics: Sequence[str] = DEFAULT_METRICS,
                        ks: Sequence[int] = DEFAULT_KS,
-                       batch_size: int = 4096) -> Dict[str, float]:
+                       batch_size: int = 4096, partitioner=None) -> Dict[str, float]:
     """Full-sort evaluation of embeddings on one split.
 
     Args:
@@ -342,12 +374,14 @@ def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
       item_emb: (n_items, d) float32.
       split: the evaluated split.
       metrics, ks: see `topk_metrics`.
-      batch_size: users per accelerator batch.
+      batch_size: users per accelerator batch (per device with a partitioner).
+      partitioner: see `full_sort_topk`.
 
     Returns:
       {'<metric>@<k>': value}, see `topk_metrics`.
     """
-    topk = full_sort_topk(user_emb, item_emb, split, k=max(ks), batch_size=batch_size)
+    topk = full_sort_topk(user_emb, item_emb, split, k=max(ks), batch_size=batch_size,
+                          partitioner=partitioner)
     return topk_metrics(hit_matrix(topk, split), split.pos_len, metrics=metrics, ks=ks)
 
 
@@ -364,7 +398,7 @@ def popularity_scores(train_items: np.ndarray, n_items: int) -> np.ndarray:
 def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit, *,
                         metrics: Sequence[str] = DEFAULT_METRICS,
                         ks: Sequence[int] = DEFAULT_KS,
-                        batch_size: int = 4096) -> Dict[str, float]:
+                        batch_size: int = 4096, partitioner=None) -> Dict[str, float]:
     """Most-popular baseline: every user gets the same global ranking, own training items masked.
 
     Implemented as a rank-1 model (user vectors of ones, item vectors = popularity) so it goes
@@ -375,7 +409,7 @@ def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit,
       train_items: (t,) int item of each training row.
       n_items: item count.
       split: the evaluated split.
-      metrics, ks, batch_size: see `evaluate_full_sort`.
+      metrics, ks, batch_size, partitioner: see `evaluate_full_sort`.
 
     Returns:
       {'<metric>@<k>': value}, see `topk_metrics`.
@@ -383,4 +417,5 @@ def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit,
     pop = popularity_scores(train_items, n_items)[:, None]  # (n_items, 1)
     n_users = int(split.users.max(initial=0)) + 1
     ones = np.ones((n_users, 1), np.float32)
-    return evaluate_full_sort(ones, pop, split, metrics=metrics, ks=ks, batch_size=batch_size)
+    return evaluate_full_sort(ones, pop, split, metrics=metrics, ks=ks, batch_size=batch_size,
+                              partitioner=partitioner)

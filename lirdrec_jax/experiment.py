@@ -7,19 +7,27 @@ Run directory layout (under `checkpoint.output_dir`):
   <run_name>/point-NNN/ckpt/{last,best}/<epochs done>/   orbax checkpoints
   <run_name>/point-NNN/result.json    written when the point has finished
   <run_name>/results.json             all points, the best one, the popularity baseline
+
+Every point runs on all devices (`parallel` section). With `sweep.mode = 'vmapped'`, points
+that differ only in numeric hyper-parameters train side by side in one compiled program
+(sweep.py); results and files per point are the same as in sequential mode. In a multi-process
+run every process executes this same function; only process 0 writes files and logs.
 """
 import datetime
 import json
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import ml_collections
 
 from lirdrec_jax import data as data_lib
-from lirdrec_jax import evaluation, grid, reporting, train
+from lirdrec_jax import evaluation, grid, parallel, reporting, sweep, train
 
-# Keys whose change between the interrupted and the resumed run is harmless.
-RESUME_IGNORED = ('resume', 'checkpoint')
+# Keys whose change between the interrupted and the resumed run is harmless: where the run
+# writes, and how it is spread over devices and sweep groups (the same numbers up to float32
+# rounding; checkpoints have the same format).
+RESUME_IGNORED = ('resume', 'checkpoint', 'parallel', 'sweep')
 
 
 def load_dataset(data_cfg) -> data_lib.MMRecDataset:
@@ -36,8 +44,9 @@ def load_dataset(data_cfg) -> data_lib.MMRecDataset:
                                cache_dir=data_cfg.cache_dir or None)
 
 
-def run_directory(cfg) -> Path:
-    """A new timestamped run directory, or (resume) the named / latest existing one."""
+def run_directory(cfg, partitioner: parallel.Partitioner = None) -> Path:
+    """A new timestamped run directory, or (resume) the named / latest existing one. All
+    processes of a multi-process run agree on process 0's timestamp."""
     root = Path(cfg.checkpoint.output_dir)
     prefix = f'{cfg.model_name}-{cfg.data.dataset}'
     if cfg.checkpoint.run_name:
@@ -47,12 +56,18 @@ def run_directory(cfg) -> Path:
         if not previous:
             raise FileNotFoundError(f'resume=True but no earlier run {prefix}-* under {root}')
         return previous[-1]
-    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    stamp = datetime.datetime.now().strftime('%Y%m%d%H%M%S')
+    if partitioner is not None:
+        stamp = str(partitioner.agree(int(stamp)))
+    stamp = f'{stamp[:8]}-{stamp[8:]}'
     path = root / f'{prefix}-{stamp}'
     suffix = 1
     while path.exists():  # never reuse (and so never overwrite) an existing run
         path = root / f'{prefix}-{stamp}-{suffix}'
         suffix += 1
+    if partitioner is not None:
+        suffix = partitioner.agree(suffix)
+        path = root / (f'{prefix}-{stamp}' + (f'-{suffix - 1}' if suffix > 1 else ''))
     return path
 
 
@@ -69,63 +84,136 @@ def _check_resumable(saved_path: Path, cfg_dict: dict) -> None:
 
 def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
     """Train all grid points of `cfg`; returns the summary also written to results.json."""
+    # Before anything touches JAX: join the other processes of a multi-process run.
+    parallel.initialize_distributed(cfg.parallel.distributed)
+    sweep.check_sweep_config(cfg.sweep)
     points = grid.expand_grid(cfg)
-    workdir = run_directory(cfg)
+    partitioner = train.create_partitioner(cfg.parallel)
+    primary = partitioner.is_primary
+    log = reporting.log if primary else (lambda message: None)
+    workdir = run_directory(cfg, partitioner)
     cfg_dict = cfg.to_dict()
     if cfg.resume and (workdir / 'config.json').exists():
         _check_resumable(workdir / 'config.json', cfg_dict)
     elif not cfg.resume and workdir.exists() and any(workdir.iterdir()):
         raise FileExistsError(f'{workdir} already holds a run; pass --config.resume=True to '
                               'continue it, or choose another --config.checkpoint.run_name')
-    workdir.mkdir(parents=True, exist_ok=True)
-    reporting.write_json(workdir / 'config.json', cfg_dict)
-    reporting.log(f'run directory: {workdir}')
+    partitioner.barrier('run directory checked')  # every process checked before any writes
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        reporting.write_json(workdir / 'config.json', cfg_dict)
+    log(f'run directory: {workdir}')
+    log(f'devices: {partitioner.describe()}')
 
-    dataset = load_dataset(cfg.data)
-    reporting.log(data_lib.describe(dataset))
+    dataset = load_dataset(cfg.data)  # every process loads the data (and draws the same batches)
+    log(data_lib.describe(dataset))
     prepared = train.prepare_data(dataset)
     metrics, ks = tuple(m.lower() for m in cfg.eval.metrics), tuple(cfg.eval.topk)
     popularity = {
         split: evaluation.evaluate_popularity(dataset.train.items, dataset.n_items,
-                                              getattr(prepared, split), metrics=metrics, ks=ks)
+                                              getattr(prepared, split), metrics=metrics, ks=ks,
+                                              partitioner=partitioner)
         for split in ('valid', 'test')}
 
-    results = []
-    for point in points:
-        results.append(_run_point(point, len(points), prepared, workdir, cfg.resume,
-                                  stop_after_epochs))
+    context = _RunContext(len(points), prepared, workdir, cfg.resume, stop_after_epochs,
+                          partitioner, log)
+    if cfg.sweep.mode == 'vmapped':
+        by_index = {}
+        for group in sweep.group_points(points, int(cfg.sweep.max_points)):
+            by_index.update(_run_group(group, context))
+        results = [by_index[point.index] for point in points]
+    else:
+        results = [_run_point(point, context) for point in points]
     summary = _summarise(cfg, results, popularity)
-    reporting.write_json(workdir / 'results.json', summary)
-    _print_summary(cfg, summary)
+    if primary:
+        reporting.write_json(workdir / 'results.json', summary)
+        _print_summary(cfg, summary)
     return summary
 
 
-def _run_point(point, n_points, prepared, workdir, resume, stop_after_epochs) -> dict:
-    point_dir = workdir / f'point-{point.index:03d}'
+class _RunContext(NamedTuple):
+    n_points: int
+    prepared: train.PreparedData
+    workdir: Path
+    resume: bool
+    stop_after_epochs: Optional[int]
+    partitioner: parallel.Partitioner
+    log: Callable[[str], None]
+
+
+def _label(point) -> str:
+    return ', '.join(f'{k}={v}' for k, v in point.values.items())
+
+
+def _open_point(point, ctx: _RunContext) -> Optional[dict]:
+    """Prepares the point's directory; returns its saved result if it finished earlier."""
+    point_dir = ctx.workdir / f'point-{point.index:03d}'
     result_path = point_dir / 'result.json'
-    label = ', '.join(f'{k}={v}' for k, v in point.values.items())
-    if resume and result_path.exists():
-        reporting.log(f'=== point {point.index + 1}/{n_points}: {label} (finished earlier)')
+    if ctx.resume and result_path.exists():
+        ctx.log(f'=== point {point.index + 1}/{ctx.n_points}: {_label(point)} (finished earlier)')
         return json.loads(result_path.read_text())
-    point_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (point_dir / 'config.json').exists():
+    if ctx.resume and (point_dir / 'config.json').exists():
         _check_resumable(point_dir / 'config.json', point.config.to_dict())
-    reporting.write_json(point_dir / 'config.json', point.config.to_dict())
-    reporting.log(f'=== point {point.index + 1}/{n_points}: {label}')
+    if ctx.partitioner.is_primary:
+        point_dir.mkdir(parents=True, exist_ok=True)
+        reporting.write_json(point_dir / 'config.json', point.config.to_dict())
+    return None
+
+
+def _close_point(point, outcome: dict, seconds: float, ctx: _RunContext) -> dict:
+    result = {'index': point.index, 'values': point.values, 'seconds': seconds, **outcome}
+    if outcome['finished'] and ctx.partitioner.is_primary:
+        reporting.write_json(ctx.workdir / f'point-{point.index:03d}' / 'result.json', result)
+    return result
+
+
+def _run_point(point, ctx: _RunContext) -> dict:
+    earlier = _open_point(point, ctx)
+    if earlier is not None:
+        return earlier
+    ctx.log(f'=== point {point.index + 1}/{ctx.n_points}: {_label(point)}')
     start = time.perf_counter()
     try:
-        outcome = train.train_and_evaluate(point.config, prepared, point_dir, resume=resume,
-                                           stop_after_epochs=stop_after_epochs)
+        outcome = train.train_and_evaluate(point.config, ctx.prepared,
+                                           ctx.workdir / f'point-{point.index:03d}',
+                                           resume=ctx.resume,
+                                           stop_after_epochs=ctx.stop_after_epochs,
+                                           partitioner=ctx.partitioner)
     except train.TrainingDiverged as err:
         # Like the reference, a diverged point does not stop the grid; it is reported as such.
-        reporting.log(f'point {point.index + 1} diverged: {err}')
+        ctx.log(f'point {point.index + 1} diverged: {err}')
         outcome = {'finished': True, 'diverged': str(err), 'best_epoch': -1,
                    'best_valid': None, 'best_test': None, 'history': []}
-    result = {'index': point.index, 'values': point.values,
-              'seconds': time.perf_counter() - start, **outcome}
-    if outcome['finished']:
-        reporting.write_json(result_path, result)
-    return result
+    return _close_point(point, outcome, time.perf_counter() - start, ctx)
+
+
+def _run_group(group, ctx: _RunContext) -> dict:
+    """One vmapped group; {point index: result}. Its progress lines carry the point number."""
+    results, todo = {}, []
+    for point in group:
+        earlier = _open_point(point, ctx)
+        if earlier is not None:
+            results[point.index] = earlier
+        else:
+            todo.append(point)
+    if not todo:
+        return results
+    numbers = ', '.join(str(p.index + 1) for p in todo)
+    ctx.log(f'=== points {numbers} of {ctx.n_points}, side by side (vmapped):')
+    for point in todo:
+        ctx.log(f'    point {point.index + 1}: {_label(point)}')
+    start = time.perf_counter()
+    outcomes = sweep.train_group([p.config for p in todo], ctx.prepared,
+                                 [ctx.workdir / f'point-{p.index:03d}' for p in todo],
+                                 resume=ctx.resume, stop_after_epochs=ctx.stop_after_epochs,
+                                 partitioner=ctx.partitioner,
+                                 labels=[f'point {p.index + 1}' for p in todo])
+    seconds = time.perf_counter() - start
+    for point, outcome in zip(todo, outcomes):
+        if outcome.get('diverged'):
+            ctx.log(f'point {point.index + 1} diverged: {outcome["diverged"]}')
+        results[point.index] = _close_point(point, outcome, seconds, ctx)
+    return results
 
 
 def _summarise(cfg, results, popularity) -> dict:

@@ -96,3 +96,49 @@ def test_spmm_matches_dense_product():
     a = graph.norm_adjacency(users, items, 10, 8)
     x = rng.standard_normal((18, 5)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(graph.spmm(a, x)), dense(a) @ x, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked sparse product ('segment_sum') against BCOO
+# ----------------------------------------------------------------------------------------------
+
+def _graphs_to_compare():
+    rng = np.random.default_rng(5)
+    users, items = rng.integers(0, 40, 300), rng.integers(0, 25, 300)
+    edges = graph.train_edges(users, items, 40, 25)
+    return {
+        'user-item (sorted, symmetric)': graph.norm_adjacency(users, items, 40, 25),
+        'kNN (not symmetric)': graph.knn_item_graph([rng.random((25, 6)), rng.random((25, 4))],
+                                                   [0.3, 0.7], 4),
+        'edge dropout (unsorted)': graph.edge_dropout_adjacency(jax.random.PRNGKey(0), edges,
+                                                               200, 40, 25),
+    }
+
+
+@pytest.mark.parametrize('chunk', [0, 5, 64, 10_000])
+def test_chunked_product_and_gradient_are_bit_identical_to_bcoo(chunk):
+    for name, adj in _graphs_to_compare().items():
+        x = jax.random.normal(jax.random.PRNGKey(1), (adj.shape[1], 6))
+        chunked = graph.to_chunked(adj, chunk)
+        # Two products (all three matrices are square), so the gradient runs both directions.
+        loss = lambda m: jax.jit(jax.grad(
+            lambda x: jax.numpy.sum(jax.numpy.sin(graph.spmm(m, graph.spmm(m, x))))))
+        np.testing.assert_array_equal(graph.spmm(chunked, x), graph.spmm(adj, x), err_msg=name)
+        np.testing.assert_array_equal(loss(chunked)(x), loss(adj)(x), err_msg=name)
+
+
+def test_chunked_layout_pads_with_dropped_entries():
+    adj = graph.norm_adjacency(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 2)  # 6 entries
+    c = graph.to_chunked(adj, 4)
+    assert c.rows.shape == (2, 4) and c.shape == (4, 4)
+    assert (c.rows[1, 2:] == 4).all() and (c.cols[1, 2:] == 4).all() and (c.values[1, 2:] == 0).all()
+    # The transpose's entries are sorted by column of the matrix.
+    assert (np.diff(np.asarray(c.rows_t).ravel()[:6]) >= 0).all()
+    dense = np.asarray(adj.todense())
+    np.testing.assert_array_equal(graph.spmm(c, np.eye(4, dtype=np.float32)), dense)
+
+
+def test_unknown_spmm_impl_names_the_field():
+    adj = graph.norm_adjacency(np.array([0]), np.array([0]), 1, 1)
+    with pytest.raises(ValueError, match="graph.spmm_impl = 'csr'"):
+        graph.spmm_operand(adj, 'csr', 0)

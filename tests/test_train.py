@@ -182,3 +182,40 @@ def test_bad_config_values_name_the_field(prepared, tmp_path, section, field, va
     cfg[section][field] = value
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(cfg, prepared, tmp_path)
+
+
+@pytest.mark.parametrize('section,field,value,message', [
+    ('model', 'matmul_dtype', 'float16', "model.matmul_dtype = 'float16'; expected one of"),
+    ('graph', 'spmm_impl', 'dense', "graph.spmm_impl = 'dense'; expected one of"),
+    ('graph', 'spmm_chunk_size', -5, 'graph.spmm_chunk_size = -5; expected'),
+])
+def test_bad_speed_options_name_the_field(prepared, tmp_path, section, field, value, message):
+    cfg = point_config(epochs=1)
+    cfg[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(cfg, prepared, tmp_path)
+
+
+def test_speed_options_keep_the_numbers(prepared, tmp_path):
+    """The chunked sparse product, per-batch dispatch (instead of the default scanned epochs)
+    and transposed feature copies agree with the default to float32 rounding (the same
+    metrics); bfloat16 towers stay close."""
+    def history(name, **changes):
+        cfg = point_config(epochs=3, stopping_step=10)
+        for dotted, v in changes.items():
+            section, field = dotted.split('__')
+            cfg[section][field] = v
+        out = train.train_and_evaluate(cfg, prepared, tmp_path / name)['history']
+        return [h['loss'] for h in out], [(h['valid'], h['test']) for h in out]
+
+    base = history('default')
+    for name, changes in [('segment_sum', dict(graph__spmm_impl='segment_sum',
+                                               graph__spmm_chunk_size=7)),
+                          ('one dispatch per batch', dict(train__scan_epoch=False)),
+                          ('transposed', dict(model__transposed_features=True))]:
+        losses, metrics = history(name, **changes)
+        np.testing.assert_allclose(losses, base[0], rtol=1e-5, err_msg=name)
+        assert metrics == base[1], name
+    losses, _ = history('bf16', model__matmul_dtype='bfloat16')
+    np.testing.assert_allclose(losses, base[0], rtol=2e-2)
+    assert losses != base[0]  # bfloat16 really is in use

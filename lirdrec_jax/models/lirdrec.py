@@ -4,31 +4,44 @@ The forward pass returns everything the next step needs (user and item represent
 the fusion attention) instead of stashing it on the module, as the reference does with
 `result_embed` and `last_att`; the training loop folds that state in (see train.py).
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 from flax import linen as nn
-from jax.experimental import sparse as jsparse
 
 from lirdrec_jax import graph
-from lirdrec_jax.models.layers import Tower, TorchDense, l2_normalize, xavier_normal_init
+from lirdrec_jax.models.layers import (MATMUL_DTYPES, Tower, TorchDense, l2_normalize,
+                                       xavier_normal_init)
+
+VIEWS = ('image', 'text', 'spectral')
 
 
 class ItemFeatures(NamedTuple):
     """Frozen item features, computed once.
 
     Attributes:
-      image: (n_items, d_v) float32.
-      text: (n_items, d_t) float32.
-      spectral: (n_items, d_v + d_t) float32, [DCT(image), DCT(text)] (orthonormal DCT-II of each
+      image: (n_items, d_v) float32 (or bfloat16, see `feature_layout`).
+      text: (n_items, d_t).
+      spectral: (n_items, d_v + d_t), [DCT(image), DCT(text)] (orthonormal DCT-II of each
         modality along the feature axis, concatenated image first as the reference does).
+      image_t, text_t, spectral_t: optional transposed copies, (d, n_items); when present the
+        towers' first layers use them for their weight gradients (`layers.frozen_input_matmul`).
+    Rows beyond n_items (padding added to split items evenly over devices) are ignored.
     """
     image: jax.Array
     text: jax.Array
     spectral: jax.Array
+    image_t: Optional[jax.Array] = None
+    text_t: Optional[jax.Array] = None
+    spectral_t: Optional[jax.Array] = None
+
+    def views(self) -> tuple:
+        """((x, x_t) per view, in VIEWS order); x_t is None without transposed copies."""
+        return ((self.image, self.image_t), (self.text, self.text_t),
+                (self.spectral, self.spectral_t))
 
 
 def dct_ortho(x: np.ndarray) -> np.ndarray:
@@ -47,15 +60,36 @@ def item_features(image: np.ndarray, text: np.ndarray) -> ItemFeatures:
                         jnp.asarray(spectral, jnp.float32))
 
 
+def feature_layout(features: ItemFeatures, matmul_dtype: str, transposed: bool) -> ItemFeatures:
+    """The features as the towers will read them (placement is up to the caller): float32 as
+    given, or copies in bfloat16 (`matmul_dtype`) and/or with transposed copies when
+    `transposed` (always with bfloat16, whose weight gradients need them to be fast).
+    """
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f'config field model.matmul_dtype = {matmul_dtype!r}; expected one of '
+                         f'{MATMUL_DTYPES}')
+    if not (transposed or matmul_dtype == 'bfloat16'):
+        return ItemFeatures(*features[:3])  # as given: no copy
+    dtype = jnp.bfloat16 if matmul_dtype == 'bfloat16' else jnp.float32
+    base = [jnp.asarray(x, dtype) for x in features[:3]]
+    return ItemFeatures(*base, *(_transposed(x) for x in base))
+
+
+@jax.jit
+def _transposed(x: jax.Array) -> jax.Array:
+    return x.T  # a materialised (d, n) copy: row-major, so x_t @ g contracts its minor axis
+
+
 class Graphs(NamedTuple):
     """The sparse matrices of one forward pass.
 
     Attributes:
       user_item: (n_users+n_items, n_users+n_items) normalised adjacency (or its dropout sample).
       item_item: (n_items, n_items) frozen kNN item graph.
+    Either may be a BCOO matrix or a `graph.ChunkedCoo` (see `graph.spmm_operand`).
     """
-    user_item: jsparse.BCOO
-    item_item: jsparse.BCOO
+    user_item: graph.SparseMatrix
+    item_item: graph.SparseMatrix
 
 
 class WeightCopy(nn.Module):
@@ -91,22 +125,36 @@ class ProgressiveWeightCopy(nn.Module):
 
 class LIRDRec(nn.Module):
     """LIRDRec forward: (features, graphs, w1, w2) -> (users (n_users, 3*dim),
-    items (n_items, 3*dim), attention (n_users, 3))."""
+    items (n_items, 3*dim), attention (n_users, 3)).
+
+    `layout` (from `parallel.Partitioner.layout_hook`, None on one device) pins where the
+    towers' work runs: their outputs stay split by item like the features (each device runs
+    the towers on its items only), the stacked embeddings are then replicated for the graph
+    propagation. The model itself knows nothing about devices.
+    """
     n_users: int
     n_items: int
     dim: int = 64
     n_ui_layers: int = 2
     n_mm_layers: int = 1
+    matmul_dtype: str = 'float32'  # of the towers' first layers; see layers.frozen_input_matmul
+    layout: Optional[Callable[[jax.Array, str], jax.Array]] = None
+
+    def _place(self, x: jax.Array, kind: str) -> jax.Array:
+        return x if self.layout is None else self.layout(x, kind)
 
     @nn.compact
     def __call__(self, features: ItemFeatures, graphs: Graphs, w1, w2):
         prefs = [self.param(f'{name}_preference', xavier_normal_init, (self.n_users, self.dim))
-                 for name in ('image', 'text', 'spectral')]
-        towers = [Tower(self.dim, name=f'{name}_tower')(x)
-                  for name, x in zip(('image', 'text', 'spectral'), features)]
+                 for name in VIEWS]
+        # [:n_items] drops the padding rows of features split over devices (a no-op otherwise).
+        towers = [self._place(Tower(self.dim, self.matmul_dtype, name=f'{name}_tower')(x, x_t),
+                              'items')[:self.n_items]
+                  for name, (x, x_t) in zip(VIEWS, features.views())]
         # Each view's users and items are stacked, then L2-normalised row-wise per 64-d block.
         ego = jnp.concatenate([l2_normalize(jnp.concatenate([p, t], axis=0))
                                for p, t in zip(prefs, towers)], axis=1)
+        ego = self._place(ego, 'replicated')
         total = ego
         for _ in range(self.n_ui_layers):
             ego = graph.spmm(graphs.user_item, ego)

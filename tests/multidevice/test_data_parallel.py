@@ -1,0 +1,132 @@
+"""Several host devices give the numbers of one device: training (batch split over devices,
+items split over devices, batch sizes not divisible by the device count), scanned epochs,
+evaluation (users split over devices), vmapped sweeps; and the compiled step really splits the
+towers' work by item."""
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from lirdrec_jax import bench, evaluation, parallel, sampling, sweep, train
+from lirdrec_jax.models import lirdrec
+from tests.test_train import point_config, tiny_dataset
+
+N_DEV = jax.device_count()
+
+
+@pytest.fixture(scope='module')
+def prepared():
+    return train.prepare_data(tiny_dataset())
+
+
+def assert_same_training(one, many, rtol=1e-5):
+    losses_1 = np.array([h['loss'] for h in one['history']])
+    losses_n = np.array([h['loss'] for h in many['history']])
+    np.testing.assert_allclose(losses_n, losses_1, rtol=rtol)
+    assert [h['valid'] for h in many['history']] == [h['valid'] for h in one['history']]
+    assert [h['test'] for h in many['history']] == [h['test'] for h in one['history']]
+
+
+def run(cfg, prepared, tmp_path, name, partitioner):
+    return train.train_and_evaluate(cfg, prepared, tmp_path / name, partitioner=partitioner)
+
+
+def test_the_process_sees_several_devices():
+    assert N_DEV >= 4, 'XLA_FLAGS=--xla_force_host_platform_device_count was not applied'
+
+
+@pytest.mark.parametrize('shard_items', [True, False])
+def test_data_parallel_training_equals_one_device(prepared, tmp_path, shard_items):
+    # 70 rows per batch and 70 items: neither divides by 4 or 8, so batches and items are
+    # padded (zero-weight rows, zero feature rows).
+    cfg = point_config(epochs=3, stopping_step=10, batch_size=70)
+    assert cfg.train.batch_size % N_DEV and prepared.dataset.n_items % N_DEV
+    one = run(cfg, prepared, tmp_path, 'one', parallel.Partitioner(1))
+    many = run(cfg, prepared, tmp_path, 'many', parallel.Partitioner(N_DEV, shard_items))
+    assert len({round(h['loss'], 5) for h in one['history']}) == 3  # it did train
+    assert_same_training(one, many)
+
+
+def test_per_batch_dispatch_and_edge_dropout_on_several_devices(prepared, tmp_path):
+    cfg = point_config(epochs=2, stopping_step=10, batch_size=70)
+    cfg.model.dropout = 0.2
+    one = run(cfg, prepared, tmp_path, 'one', parallel.Partitioner(1))  # scanned epochs
+    cfg.train.scan_epoch = False
+    many = run(cfg, prepared, tmp_path, 'many', parallel.Partitioner(N_DEV))
+    assert_same_training(one, many)
+
+
+def test_evaluation_on_several_devices_is_identical(prepared):
+    rng = np.random.default_rng(0)
+    ds = prepared.dataset
+    users = rng.standard_normal((ds.n_users, 8)).astype(np.float32)
+    items = rng.standard_normal((ds.n_items, 8)).astype(np.float32)
+    split = prepared.test
+    assert split.n_eval % (7 * N_DEV)  # the last group of batches is partly dummy
+    one = evaluation.full_sort_topk(users, items, split, k=20, batch_size=7)
+    many = evaluation.full_sort_topk(users, items, split, k=20, batch_size=7,
+                                     partitioner=parallel.Partitioner(N_DEV))
+    np.testing.assert_array_equal(many, one)
+    assert evaluation.evaluate_full_sort(users, items, split, batch_size=7) == \
+        evaluation.evaluate_full_sort(users, items, split, batch_size=7,
+                                      partitioner=parallel.Partitioner(N_DEV))
+
+
+def test_vmapped_sweep_on_several_devices_equals_points_alone(prepared, tmp_path):
+    cfgs = []
+    for seed, reg in ((1, 0.01), (2, 0.001)):
+        cfg = point_config(epochs=2, stopping_step=10, batch_size=70)
+        cfg.train.seed, cfg.model.reg_weight = seed, reg
+        cfgs.append(cfg)
+    alone = [run(c, prepared, tmp_path, f'alone{i}', parallel.Partitioner(1))
+             for i, c in enumerate(cfgs)]
+    together = sweep.train_group(cfgs, prepared, [tmp_path / 'v0', tmp_path / 'v1'],
+                                 partitioner=parallel.Partitioner(N_DEV))
+    for a, b in zip(alone, together):
+        assert_same_training(a, b)
+
+
+def test_bfloat16_towers_run_on_several_devices(prepared, tmp_path):
+    cfg = point_config(epochs=2, stopping_step=10, batch_size=70)
+    f32 = run(cfg, prepared, tmp_path, 'f32', parallel.Partitioner(N_DEV))
+    cfg.model.matmul_dtype = 'bfloat16'
+    bf16 = run(cfg, prepared, tmp_path, 'bf16', parallel.Partitioner(N_DEV))
+    np.testing.assert_allclose([h['loss'] for h in bf16['history']],
+                               [h['loss'] for h in f32['history']], rtol=2e-2)
+
+
+def test_compiled_step_splits_the_towers_by_item():
+    """Each device multiplies only its share of the items, and the towers' weight gradients are
+    summed across devices; the features are never gathered whole."""
+    prepared = train.prepare_data(bench.synthetic_dataset(200, 302, 1500, image_dim=256,
+                                                          text_dim=32))
+    cfg = point_config()
+    p = parallel.Partitioner(N_DEV)
+    options = train.run_options(cfg)
+    ds = prepared.dataset
+    model = train.create_model(cfg.model, ds.n_users, ds.n_items, p)
+    opt = train.optim.create_optimizer()
+    features = train.place_features(p, prepared.features, options)
+    graphs = train.place_graphs(p, lirdrec.Graphs(prepared.norm_adj, train.create_item_graph(
+        prepared, int(cfg.model.knn_k), 0.1)), options)
+    state = train.place_state(p, train.create_train_state(jax.random.PRNGKey(0), model, opt,
+                                                          features, graphs))
+    batches = sampling.epoch_batches(sampling.epoch_rng(0, 0), prepared.sampler, 64)
+    batch = train.Batch(*(a[0] for a in train.place_batches(p, batches)))
+    step = train.make_train_step(model, opt, p)
+    hlo = step.lower(state, batch, features, graphs,
+                     train.step_scalars(0.9, 0.1, 1e-3, 1e-3)).compile().as_text()
+    per_device = p.padded_count(ds.n_items) // N_DEV
+    d_image = prepared.features.image.shape[1]
+    hidden = 4 * int(cfg.model.embedding_size)
+    # Forward of the image tower's first layer on this device's items only.
+    assert re.search(rf'f32\[{per_device},{hidden}\]\S* dot\(', hlo)
+    assert not re.search(rf'f32\[{p.padded_count(ds.n_items)},{hidden}\]\S* dot\(', hlo)
+    # Its weight gradient: a partial product per device, then summed over devices (XLA may
+    # compute it transposed).
+    all_reduces = ' '.join(l for l in hlo.splitlines() if 'all-reduce(' in l)
+    assert (f'f32[{d_image},{hidden}]' in all_reduces
+            or f'f32[{hidden},{d_image}]' in all_reduces), all_reduces[:2000]
+    gathers = ' '.join(l.split('=')[1] for l in hlo.splitlines() if 'all-gather(' in l)
+    assert f'[{p.padded_count(ds.n_items)},{d_image}]' not in gathers

@@ -1,0 +1,41 @@
+"""The benchmark command on a tiny scale (its timings are not checked: speed is measured by the
+command itself, never by tests)."""
+import json
+import sys
+
+import pytest
+
+from lirdrec_jax import bench
+
+
+def test_synthetic_dataset_has_the_requested_counts():
+    ds = bench.synthetic_dataset(300, 120, 2000, image_dim=16, text_dim=8)
+    total = sum(s.users.size for s in (ds.train, ds.valid, ds.test))
+    assert (ds.n_users, ds.n_items, total) == (300, 120, 2000)
+    assert ds.image_feat.shape == (120, 16) and (ds.image_feat >= 0).all()
+    per_user = {}
+    for s in (ds.train, ds.valid, ds.test):
+        for u, i in zip(s.users, s.items):
+            per_user.setdefault(int(u), set()).add(int(i))
+    assert min(len(v) for v in per_user.values()) >= 5  # 5+ distinct items per user
+    assert (ds.valid.users.size, ds.test.users.size) > (150, 150)
+
+
+def test_bench_command_reports_every_quantity(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    bench.main(['--scale', 'tiny', '--epochs', '1', '--json', str(out)])
+    text = capsys.readouterr().out
+    for what in ('compile train step', 'training epoch', 'evaluation valid + test',
+                 'peak host RSS', 'peak device memory', 'parameters', 'floor', 'epoch / floor',
+                 'On a GPU/TPU'):
+        assert what in text, what
+    result = json.loads(out.read_text())
+    assert result['params'] > 0 and result['epoch_over_floor'] > 0
+    assert result['options']['spmm_impl'] == 'bcoo'  # the repository's defaults
+
+
+def test_reference_hook_without_the_parity_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'lirdrec_jax.parity.reference', None)
+    args = bench.parse_args(['--reference', '/nowhere'])
+    with pytest.raises(SystemExit, match='run_reference_benchmark'):
+        bench._reference(args, None)
