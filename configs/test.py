@@ -2,10 +2,12 @@
 
   python -m lirdrec_jax.main --config configs/test.py --config.data.data_dir=DIR
 """
+import ml_collections
+
 from configs import lirdrec
 
 
-def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
     del arg
     c = lirdrec.base_config()
     c.model.embedding_size = 16

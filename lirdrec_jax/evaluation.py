@@ -16,7 +16,7 @@ Hits and metrics are vectorised numpy on the host, with the same arithmetic as t
 that the rounded values agree.
 """
 import functools
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ API the installed JAX recommends; `pmap` is in maintenance mode and is itself im
 `jit` + `shard_map` since JAX 0.8. With one device this is plain `jit` on that device.
 """
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np

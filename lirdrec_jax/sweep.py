@@ -20,7 +20,7 @@ Per-point results equal training the point alone up to float32 rounding (tested)
 import json
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

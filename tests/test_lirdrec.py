@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lirdrec_jax import graph, losses, optim, sampling, train
+from lirdrec_jax import graph, losses, optim, train
 from lirdrec_jax.models import lirdrec
 
 N_USERS, N_ITEMS, DIM = 12, 9, 8

@@ -311,7 +311,6 @@ def _topk_check(name, ours, ref, users, items) -> C.Check:
 
 def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepared, graphs,
                      point_cfg, epochs, seed, log) -> List[C.Check]:
-    import torch
     m, o, t, e = point_cfg.model, point_cfg.optim, point_cfg.train, point_cfg.eval
     out: List[C.Check] = []
     trainer = side.make_trainer(ref_cfg, ref_model)
