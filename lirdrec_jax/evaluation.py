@@ -196,7 +196,7 @@ def _sharded_topk(partitioner, k: int):
 
 
 def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
-                   batch_size: int = 4096, partitioner=None) -> np.ndarray:
+                   batch_size: int = 1024, partitioner=None) -> np.ndarray:
     """Ranks all items for every evaluated user, training items masked with -1e10.
 
     Args:
@@ -366,7 +366,7 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
 def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
                        metrics: Sequence[str] = DEFAULT_METRICS,
                        ks: Sequence[int] = DEFAULT_KS,
-                       batch_size: int = 4096, partitioner=None) -> Dict[str, float]:
+                       batch_size: int = 1024, partitioner=None) -> Dict[str, float]:
     """Full-sort evaluation of embeddings on one split.
 
     Args:
@@ -385,6 +385,50 @@ def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
     return topk_metrics(hit_matrix(topk, split), split.pos_len, metrics=metrics, ks=ks)
 
 
+class SharedRanking(NamedTuple):
+    """One ranking that serves several splits at once.
+
+    Valid and test both mask exactly the user's TRAINING items (the reference never masks valid
+    items when testing), so a user's top-k list is the same for both: ranking the union of
+    their users once halves the evaluation work and gives the same lists as ranking each split.
+
+    Attributes:
+      ranked: an EvalSplit over the union of the splits' users (first appearance over the
+        splits in order), with their training masks; its ground truth is not used.
+      rows: per split, (n_eval,) int64 the row of `ranked` of each of that split's users.
+    """
+    ranked: EvalSplit
+    rows: Tuple[np.ndarray, ...]
+
+
+def build_shared_ranking(split_users: Sequence[np.ndarray], split_items: Sequence[np.ndarray],
+                         train_users: np.ndarray, train_items: np.ndarray) -> SharedRanking:
+    """The SharedRanking of several splits (arguments as for `build_eval_split`, one array per
+    split in `split_users`/`split_items`)."""
+    ranked = build_eval_split(np.concatenate([np.asarray(u).reshape(-1) for u in split_users]),
+                              np.concatenate([np.asarray(i).reshape(-1) for i in split_items]),
+                              train_users, train_items)
+    row_of_user = np.full(int(ranked.users.max(initial=-1)) + 1, -1, np.int64)
+    row_of_user[ranked.users] = np.arange(ranked.n_eval)
+    rows = tuple(row_of_user[first_appearance_unique(np.asarray(u, np.int64).reshape(-1))]
+                 for u in split_users)
+    return SharedRanking(ranked, rows)
+
+
+def evaluate_shared(user_emb, item_emb, shared: SharedRanking, splits: Sequence[EvalSplit], *,
+                    metrics: Sequence[str] = DEFAULT_METRICS, ks: Sequence[int] = DEFAULT_KS,
+                    batch_size: int = 1024, partitioner=None) -> Tuple[Dict[str, float], ...]:
+    """`evaluate_full_sort` of every split in `splits` (the splits `shared` was built from, in
+    the same order) from one ranking of their users. Returns one metric dict per split."""
+    if len(splits) != len(shared.rows):
+        raise ValueError(f'{len(splits)} splits for a ranking built from {len(shared.rows)}')
+    topk = full_sort_topk(user_emb, item_emb, shared.ranked, k=max(ks), batch_size=batch_size,
+                          partitioner=partitioner)
+    return tuple(topk_metrics(hit_matrix(topk[rows], split), split.pos_len, metrics=metrics,
+                              ks=ks)
+                 for rows, split in zip(shared.rows, splits))
+
+
 # ----------------------------------------------------------------------------------------------
 # Most-popular baseline
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +442,7 @@ def popularity_scores(train_items: np.ndarray, n_items: int) -> np.ndarray:
 def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit, *,
                         metrics: Sequence[str] = DEFAULT_METRICS,
                         ks: Sequence[int] = DEFAULT_KS,
-                        batch_size: int = 4096, partitioner=None) -> Dict[str, float]:
+                        batch_size: int = 1024, partitioner=None) -> Dict[str, float]:
     """Most-popular baseline: every user gets the same global ranking, own training items masked.
 
     Implemented as a rank-1 model (user vectors of ones, item vectors = popularity) so it goes

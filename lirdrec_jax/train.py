@@ -92,6 +92,7 @@ class PreparedData(NamedTuple):
     sampler: sampling.SamplerTables
     valid: evaluation.EvalSplit
     test: evaluation.EvalSplit
+    ranking: evaluation.SharedRanking  # one ranking of valid's and test's users for both
 
 
 def prepare_data(dataset: MMRecDataset) -> PreparedData:
@@ -105,7 +106,10 @@ def prepare_data(dataset: MMRecDataset) -> PreparedData:
         valid=evaluation.build_eval_split(dataset.valid.users, dataset.valid.items,
                                           train.users, train.items),
         test=evaluation.build_eval_split(dataset.test.users, dataset.test.items,
-                                         train.users, train.items))
+                                         train.users, train.items),
+        ranking=evaluation.build_shared_ranking(
+            (dataset.valid.users, dataset.test.users), (dataset.valid.items, dataset.test.items),
+            train.users, train.items))
 
 
 def create_item_graph(data: PreparedData, knn_k: int, mm_image_weight: float):
@@ -373,12 +377,12 @@ def step_scalars(w1: float, w2: float, lr: float, reg_weight: float) -> StepScal
 
 def evaluate_splits(user_emb, item_emb, data: PreparedData, e,
                     partitioner: Optional[parallel.Partitioner]) -> tuple:
-    """(valid, test) metric dicts of one pair of embeddings."""
+    """(valid, test) metric dicts of one pair of embeddings (one shared ranking of their
+    users: both splits mask the same training items, see `evaluation.SharedRanking`)."""
     ks, metrics = tuple(e.topk), tuple(m_.lower() for m_ in e.metrics)
-    return tuple(evaluation.evaluate_full_sort(user_emb, item_emb, split, metrics=metrics, ks=ks,
-                                               batch_size=int(e.batch_size),
-                                               partitioner=partitioner)
-                 for split in (data.valid, data.test))
+    return evaluation.evaluate_shared(user_emb, item_emb, data.ranking, (data.valid, data.test),
+                                      metrics=metrics, ks=ks, batch_size=int(e.batch_size),
+                                      partitioner=partitioner)
 
 
 class PointFiles:

@@ -300,3 +300,36 @@ def test_hit_matrix_matches_loop():
     for row, u in enumerate(split.users):
         truth = set(te_i[te_u == u].tolist())
         assert got[row].tolist() == [int(i) in truth for i in topk[row]]
+
+
+def test_shared_ranking_gives_each_splits_own_metrics():
+    """One ranking of the union of valid's and test's users equals ranking each split alone
+    (against the slow reference), with user sets that only partly overlap and differ in order."""
+    rng = np.random.default_rng(11)
+    n_users, n_items, d = 40, 70, 6
+    user_emb = rng.integers(-2, 3, (n_users, d)).astype(np.float32)  # ties: tie-break checked
+    item_emb = rng.integers(-2, 3, (n_items, d)).astype(np.float32)
+    tr_u, tr_i, va_u, va_i = random_splits(rng, n_users, n_items, heavy_user=3, heavy_count=50)
+    _, _, te_u, te_i = random_splits(rng, n_users, n_items, heavy_user=3, heavy_count=50)
+    va_keep, te_keep = va_u < 30, te_u >= 10  # valid: users 0..29, test: users 10..39, in different row orders
+    va_u, va_i, te_u, te_i = va_u[va_keep], va_i[va_keep], te_u[te_keep], te_i[te_keep]
+    valid = evaluation.build_eval_split(va_u, va_i, tr_u, tr_i)
+    test = evaluation.build_eval_split(te_u, te_i, tr_u, tr_i)
+    assert valid.users.tolist() != test.users.tolist()
+    assert set(valid.users) & set(test.users) and set(valid.users) ^ set(test.users)
+    shared = evaluation.build_shared_ranking((va_u, te_u), (va_i, te_i), tr_u, tr_i)
+    assert shared.ranked.n_eval == len(set(valid.users) | set(test.users))
+
+    got = evaluation.evaluate_shared(user_emb, item_emb, shared, (valid, test), batch_size=7)
+    for split, split_u, split_i, metrics in ((valid, va_u, va_i, got[0]),
+                                             (test, te_u, te_i, got[1])):
+        eval_users, rankings = slow_rankings(user_emb, item_emb, split_u, split_i, tr_u, tr_i,
+                                             k=50)
+        topk = evaluation.full_sort_topk(user_emb, item_emb, shared.ranked, k=50, batch_size=7)
+        np.testing.assert_array_equal(topk[shared.rows[0 if split is valid else 1]],
+                                      np.array(rankings))
+        want = slow_metrics(eval_users, rankings, split_u, split_i, METRICS, KS)
+        assert metrics == {key: round(value, 4) for key, value in want.items()}
+        assert metrics == evaluation.evaluate_full_sort(user_emb, item_emb, split, batch_size=7)
+    with pytest.raises(ValueError, match='3 splits for a ranking built from 2'):
+        evaluation.evaluate_shared(user_emb, item_emb, shared, (valid, test, valid))
