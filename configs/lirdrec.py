@@ -52,12 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decay_base = 0.9        # PWC: w1 <- w1 * decay_base**epoch each epoch
     c.model.decay_weight = (0.9,)   # PWC: initial w1 (w2 = 1 - w1)
     # Speed options (docs/performance.md). The defaults reproduce the published numbers of this
-    # project bit for bit; on a CPU, graph.spmm_impl='segment_sum' and
-    # model.transposed_features=True make an epoch about 1.2x faster and change results only
-    # by float32 rounding. 'bfloat16' runs the towers' first layers in bfloat16 with float32
-    # accumulation (faster still; metrics move slightly).
+    # project bit for bit. On a CPU, the `fast` variant (configs/lirdrec.py:fast or :baby,fast)
+    # sets graph.spmm_impl='segment_sum', model.transposed_features=True and
+    # model.cpu_dot='eigen': an epoch about 1.4x faster, results changed only by float32
+    # rounding. 'bfloat16' runs the towers' first layers in bfloat16 with float32 accumulation
+    # (faster still; metrics move slightly; needs cpu_dot='xla').
     c.model.matmul_dtype = 'float32'
     c.model.transposed_features = False  # transposed feature copies for the towers' weight gradients
+    c.model.cpu_dot = 'xla'         # XLA:CPU GEMM kernels of the training step: 'xla' (its choice) or 'eigen'
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = (0.0001,)
@@ -103,8 +105,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def cpu_fast(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU speed options (docs/performance.md): same model, float32 rounding differences."""
+    c.graph.spmm_impl = 'segment_sum'
+    c.model.transposed_features = True
+    c.model.cpu_dot = 'eigen'
+    return c
+
+
 def get_config(arg: str = 'synthetic') -> ml_collections.ConfigDict:
-    arg = arg or 'synthetic'
+    """`arg`: a dataset variant (synthetic, baby, ...), optionally followed by ',fast' for the
+    CPU speed options; 'fast' alone is the synthetic default with them."""
+    parts = [p for p in (arg or 'synthetic').split(',') if p]
+    modifiers = [p for p in parts if p == 'fast']
+    names = [p for p in parts if p != 'fast'] or ['synthetic']
+    if len(names) != 1:
+        raise ValueError(f'config variant {arg!r}: expected one dataset, optionally with ",fast"')
+    c = _dataset_config(names[0])
+    return cpu_fast(c) if modifiers else c
+
+
+def _dataset_config(arg: str) -> ml_collections.ConfigDict:
     c = base_config()
     if arg == 'synthetic':
         # The reference's settings at one point of its grid; on the embedded data this early-stops

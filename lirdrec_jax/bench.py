@@ -157,6 +157,7 @@ def bench_config(args):
     cfg = lirdrec_config.get_config('synthetic')
     cfg.model.matmul_dtype = args.matmul_dtype
     cfg.model.transposed_features = args.transposed_features
+    cfg.model.cpu_dot = args.cpu_dot
     cfg.graph.spmm_impl = args.spmm_impl
     cfg.graph.spmm_chunk_size = args.spmm_chunk_size
     cfg.train.scan_epoch = not args.no_scan_epoch
@@ -187,13 +188,14 @@ def _time_epochs(cfg, data, partitioner, n_epochs: int) -> dict:
                                      int(cfg.train.batch_size))
     t = time.perf_counter()
     if options.scan_epoch:
-        epoch_fn = train.make_train_epoch(model, optimizer, partitioner)
+        epoch_fn = train.make_train_epoch(model, optimizer, partitioner,
+                                          options.compiler_options)
         epoch_fn.lower(state, train.place_batches(partitioner, batches), features, graphs,
                        scalars).compile()
         run = lambda s, b, e: train.run_epoch_scanned(epoch_fn, s, b, features, graphs, scalars,
                                                       e, partitioner)
     else:
-        step = train.make_train_step(model, optimizer, partitioner)
+        step = train.make_train_step(model, optimizer, partitioner, options.compiler_options)
         first = train.Batch(*(a[0] for a in train.place_batches(partitioner, batches)))
         step.lower(state, first, features, graphs, scalars).compile()
         run = lambda s, b, e: train.run_epoch(step, s, b, features, graphs, scalars, e,
@@ -368,6 +370,12 @@ def _reference_table(ours: dict, ref: dict) -> str:
         if a is None or b is None:
             continue
         lines.append(f'{name:32s} {a:10.2f} {b:10.2f} {b / a:10.2f}')
+    if ref.get('parameters') and ours.get('params'):
+        lines.append(f'{"trainable parameters":32s} {ours["params"]:10d} {ref["parameters"]:10d} '
+                     f'{ref["parameters"] / ours["params"]:10.2f}')
+    lines.append('(the reference runs in this process after ours: its peak memory is not '
+                 'separable; its model construction took '
+                 f'{ref.get("construct_seconds", float("nan")):.1f} s)')
     return '\n'.join(lines)
 
 
@@ -379,10 +387,13 @@ def parse_args(argv=None):
     p.add_argument('--json', help='also write the results to this JSON file')
     p.add_argument('--matmul_dtype', choices=('float32', 'bfloat16'), default='float32')
     p.add_argument('--fast', action='store_true',
-                   help='the CPU speed options: --spmm_impl segment_sum --transposed_features')
+                   help='the CPU speed options (configs/lirdrec.py:fast): --spmm_impl '
+                        'segment_sum --transposed_features, and --cpu_dot eigen in float32')
     p.add_argument('--spmm_impl', choices=('segment_sum', 'bcoo'), default='bcoo')
     p.add_argument('--spmm_chunk_size', type=int, default=-1)
     p.add_argument('--transposed_features', action='store_true')
+    p.add_argument('--cpu_dot', choices=('xla', 'eigen'), default='xla',
+                   help="XLA:CPU GEMM kernels of the training step (model.cpu_dot)")
     p.add_argument('--no_scan_epoch', action='store_true',
                    help='one dispatch per batch instead of one scan per epoch')
     p.add_argument('--devices', type=int, default=0, help='0 = all devices')
@@ -393,6 +404,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.fast:
         args.spmm_impl, args.transposed_features = 'segment_sum', True
+        if args.matmul_dtype == 'float32':
+            args.cpu_dot = 'eigen'
     if args.epochs < 1:
         p.error('--epochs must be >= 1')
     return args

@@ -17,6 +17,7 @@ Everything is expressed with `jax.jit` + `NamedSharding` (and `shard_map` for ev
 API the installed JAX recommends; `pmap` is in maintenance mode and is itself implemented with
 `jit` + `shard_map` since JAX 0.8. With one device this is plain `jit` on that device.
 """
+import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -31,6 +32,37 @@ DISTRIBUTED_MODES = ('auto', 'on', 'off')
 def platform() -> str:
     """'cpu', 'gpu' or 'tpu': the backend the computations run on."""
     return jax.default_backend()
+
+
+CPU_DOTS = ('xla', 'eigen')
+# XLA:CPU option that routes dots to XLA's own (Eigen) GEMMs instead of YNNPACK fusions.
+_NO_YNN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_option_supported(name: str) -> bool:
+    """Whether this jaxlib's XLA:CPU knows the compile option `name` (probed once)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options={name: ''})(np.float32(0))
+        return True
+    except Exception:  # an unknown option is an INVALID_ARGUMENT error at compile time
+        return False
+
+
+def compiler_options(cpu_dot: str) -> Optional[dict]:
+    """XLA compile options of the training computations for `model.cpu_dot`.
+
+    'xla' (default): XLA's own choice. 'eigen', on the CPU only: no YNNPACK dot fusions, so the
+    towers' float32 GEMMs (shapes (7050, 4096) @ (4096, 256)) run on XLA's Eigen kernels, which
+    reach the square-GEMM rate on this project's machine where YNNPACK reaches ~80% of it
+    (docs/performance.md). Ignored on GPU/TPU, and by a jaxlib without the option.
+    """
+    if cpu_dot not in CPU_DOTS:
+        raise ValueError(f'config field model.cpu_dot = {cpu_dot!r}; expected one of {CPU_DOTS}')
+    if cpu_dot == 'xla' or platform() != 'cpu':
+        return None
+    name = next(iter(_NO_YNN_DOTS))
+    return dict(_NO_YNN_DOTS) if _cpu_option_supported(name) else None
 
 
 def _several_processes_from_environment() -> bool:
@@ -180,13 +212,14 @@ class Partitioner:
 
     # ------------------------------------------------------------------ compilation
     def jit(self, fn: Callable, *, out_shardings: Any = None, donate_argnums=(),
-            static_argnames=()) -> Callable:
+            static_argnames=(), compiler_options: Optional[dict] = None) -> Callable:
         """`jax.jit` on this mesh; inputs keep the shardings they were placed with. Outputs are
-        replicated unless `out_shardings` says otherwise."""
+        replicated unless `out_shardings` says otherwise. `compiler_options`: XLA options of
+        this computation only (see `compiler_options()`)."""
         if out_shardings is None:
             out_shardings = self.replicated
         return jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums,
-                       static_argnames=static_argnames)
+                       static_argnames=static_argnames, compiler_options=compiler_options)
 
     def map_blocks(self, fn: Callable, n_replicated: int, n_split: int) -> Callable:
         """`fn(*replicated, *split)` run once per device on that device's block of the split

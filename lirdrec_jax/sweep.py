@@ -115,7 +115,8 @@ def take(tree, index, axes=None):
 # Compiled pieces
 # ----------------------------------------------------------------------------------------------
 
-def make_vmapped_step(model, optimizer, partitioner: parallel.Partitioner, graph_axes):
+def make_vmapped_step(model, optimizer, partitioner: parallel.Partitioner, graph_axes,
+                      compiler_options: Optional[dict] = None):
     """`step(states, batches, features, graphs, scalars, active) -> (states, (P,) losses)`: one
     train step of every point; points with active False keep their state unchanged."""
     step = train.train_step_fn(model, optimizer)
@@ -125,7 +126,7 @@ def make_vmapped_step(model, optimizer, partitioner: parallel.Partitioner, graph
         return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), loss
 
     vmapped = jax.vmap(masked, in_axes=(0, 0, None, graph_axes, 0, 0))
-    return partitioner.jit(vmapped, donate_argnums=0)
+    return partitioner.jit(vmapped, donate_argnums=0, compiler_options=compiler_options)
 
 
 def make_vmapped_forward(model, partitioner: parallel.Partitioner, graph_axes):
@@ -253,7 +254,7 @@ def _run_rounds(points, slots, state, model, optimizer, features, user_item, ite
         ii, ii_axes = stack_or_share([item_graphs[i] for i in slot_ids])
         # The user-item graph is shared, or (edge dropout) one sample per point.
         axes = lirdrec.Graphs(0 if dropout > 0 else None, ii_axes)
-        step = make_vmapped_step(model, optimizer, partitioner, axes)
+        step = make_vmapped_step(model, optimizer, partitioner, axes, options.compiler_options)
         forward = (make_vmapped_forward(model, partitioner, axes)
                    if e.embeddings == 'fresh' else None)
         return step, forward, partitioner.replicate(ii)

@@ -159,12 +159,20 @@ class RunOptions(NamedTuple):
       scan_epoch: run an epoch's batches in one compiled `lax.scan` (bit-identical to one
         dispatch per batch on every run we compared, and faster; no progress lines within an
         epoch).
+      cpu_dot: 'xla' or 'eigen': which GEMM kernels XLA:CPU uses in the training computations
+        (`parallel.compiler_options`); no effect on GPU/TPU.
     """
     spmm_impl: str = 'bcoo'
     spmm_chunk_size: int = 0
     matmul_dtype: str = 'float32'
     transposed_features: bool = False
     scan_epoch: bool = True
+    cpu_dot: str = 'xla'
+
+    @property
+    def compiler_options(self) -> Optional[dict]:
+        """XLA options of the training step/epoch (None: XLA's defaults)."""
+        return parallel.compiler_options(self.cpu_dot)
 
 
 # CPU: chunks of this many entries keep the sparse product's intermediates in cache.
@@ -182,7 +190,8 @@ def run_options(cfg) -> RunOptions:
     return RunOptions(spmm_impl=str(g.get('spmm_impl', 'bcoo')), spmm_chunk_size=chunk,
                       matmul_dtype=str(cfg.model.get('matmul_dtype', 'float32')),
                       transposed_features=bool(cfg.model.get('transposed_features', False)),
-                      scan_epoch=bool(cfg.train.get('scan_epoch', True)))
+                      scan_epoch=bool(cfg.train.get('scan_epoch', True)),
+                      cpu_dot=str(cfg.model.get('cpu_dot', 'xla')))
 
 
 def create_partitioner(parallel_cfg) -> parallel.Partitioner:
@@ -257,20 +266,22 @@ def train_step_fn(model, optimizer) -> Callable:
     return train_step
 
 
-def make_train_step(model, optimizer, partitioner: Optional[parallel.Partitioner] = None):
+def make_train_step(model, optimizer, partitioner: Optional[parallel.Partitioner] = None,
+                    compiler_options: Optional[dict] = None):
     """Returns the jitted `train_step(state, batch, features, graphs, scalars) -> (state, loss)`.
 
     The step is a pure function of its arguments. With a partitioner its inputs keep the
     shardings they were placed with (`place_*`) and its outputs are replicated; without one it
-    runs on the default device.
+    runs on the default device. `compiler_options`: `RunOptions.compiler_options`.
     """
     step = train_step_fn(model, optimizer)
     if partitioner is None:
-        return jax.jit(step, donate_argnums=0)
-    return partitioner.jit(step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
+    return partitioner.jit(step, donate_argnums=0, compiler_options=compiler_options)
 
 
-def make_train_epoch(model, optimizer, partitioner: parallel.Partitioner):
+def make_train_epoch(model, optimizer, partitioner: parallel.Partitioner,
+                     compiler_options: Optional[dict] = None):
     """Returns the jitted `train_epoch(state, batches, features, graphs, scalars) ->
     (state, (n_batches,) losses)`: all batches of an epoch in one `lax.scan` on the devices."""
     step = train_step_fn(model, optimizer)
@@ -282,7 +293,7 @@ def make_train_epoch(model, optimizer, partitioner: parallel.Partitioner):
         state = state._replace(attention=jnp.zeros_like(state.attention))
         return jax.lax.scan(lambda s, b: step(s, b, features, graphs, scalars), state, batches)
 
-    return partitioner.jit(train_epoch, donate_argnums=0)
+    return partitioner.jit(train_epoch, donate_argnums=0, compiler_options=compiler_options)
 
 
 def make_forward(model, partitioner: Optional[parallel.Partitioner] = None):
@@ -480,6 +491,12 @@ def check_point_config(cfg, n_items: int) -> None:
         (cfg.model.n_ui_layers >= 0 and cfg.model.n_mm_layers >= 0, 'model.n_*_layers', '>= 0'),
         (cfg.model.get('matmul_dtype', 'float32') in MATMUL_DTYPES, 'model.matmul_dtype',
          f'one of {MATMUL_DTYPES}'),
+        (cfg.model.get('cpu_dot', 'xla') in parallel.CPU_DOTS, 'model.cpu_dot',
+         f'one of {parallel.CPU_DOTS}'),
+        (not (cfg.model.get('cpu_dot', 'xla') == 'eigen'
+              and cfg.model.get('matmul_dtype', 'float32') == 'bfloat16'), 'model.cpu_dot',
+         "'xla' with model.matmul_dtype='bfloat16' (Eigen has no fast bfloat16 GEMM: the "
+         "towers ran 3.5x slower)"),
         (g.get('spmm_impl', 'bcoo') in graph.SPMM_IMPLS, 'graph.spmm_impl',
          f'one of {graph.SPMM_IMPLS}'),
         (int(g.get('spmm_chunk_size', -1)) >= -1, 'graph.spmm_chunk_size',
@@ -537,10 +554,10 @@ def train_and_evaluate(cfg, data: PreparedData, workdir: Path, *, resume: bool =
                   f'{progress.epochs_done - 1}')
 
     if options.scan_epoch:
-        train_epoch = make_train_epoch(model, optimizer, partitioner)
+        train_epoch = make_train_epoch(model, optimizer, partitioner, options.compiler_options)
         run = functools.partial(run_epoch_scanned, train_epoch, partitioner=partitioner)
     else:
-        train_step = make_train_step(model, optimizer, partitioner)
+        train_step = make_train_step(model, optimizer, partitioner, options.compiler_options)
         run = functools.partial(run_epoch, train_step, partitioner=partitioner)
     forward = make_forward(model, partitioner) if e.embeddings == 'fresh' else None
     epochs_this_call = 0

@@ -63,3 +63,17 @@ def test_data_dir_shorthand_is_rewritten():
                                        '--config.data.data_dir=/data/mmrec',
                                        '--config.model.knn_k=5']
     cli.check_override_keys(lirdrec_config.get_config('baby'), cli.apply_aliases(argv))
+
+
+def test_fast_variant_sets_the_cpu_speed_options_only():
+    base, fast = lirdrec_config.get_config('baby'), lirdrec_config.get_config('baby,fast')
+    assert (fast.graph.spmm_impl, fast.model.transposed_features, fast.model.cpu_dot) == \
+        ('segment_sum', True, 'eigen')
+    assert (base.graph.spmm_impl, base.model.transposed_features, base.model.cpu_dot) == \
+        ('bcoo', False, 'xla')
+    for cfg in (base, fast):  # everything else is the same
+        cfg.graph.spmm_impl, cfg.model.transposed_features, cfg.model.cpu_dot = '', False, ''
+    assert base.to_dict() == fast.to_dict()
+    assert lirdrec_config.get_config('fast').data.dataset == 'synthetic'
+    with pytest.raises(ValueError, match='expected one dataset'):
+        lirdrec_config.get_config('baby,sports')

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from lirdrec_jax import checkpointing, grid, train
+from lirdrec_jax import checkpointing, grid, optim, train
 from lirdrec_jax.data import Interactions, MMRecDataset
+from lirdrec_jax.models import lirdrec
 
 
 def tiny_dataset(seed=0, n_users=60, n_items=70):
@@ -87,7 +88,7 @@ def test_theta_is_overwritten_with_the_last_attention_at_epoch_start(prepared, t
     model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
     from lirdrec_jax import optim
     opt = optim.create_optimizer()
-    graphs = train.lirdrec.Graphs(prepared.norm_adj,
+    graphs = lirdrec.Graphs(prepared.norm_adj,
                                   train.create_item_graph(prepared, cfg.model.knn_k, 0.1))
     template = train.create_train_state(jax.random.PRNGKey(0), model, opt, prepared.features, graphs)
     saved, progress = ckpts.restore(train._state_to_save(template, jax.random.PRNGKey(0)))
@@ -153,7 +154,7 @@ def test_fresh_evaluation_uses_the_epochs_final_parameters(prepared, tmp_path):
     result = train.train_and_evaluate(cfg, prepared, tmp_path)
     from lirdrec_jax import evaluation, optim
     model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
-    graphs = train.lirdrec.Graphs(prepared.norm_adj,
+    graphs = lirdrec.Graphs(prepared.norm_adj,
                                   train.create_item_graph(prepared, cfg.model.knn_k, 0.1))
     template = train.create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(),
                                         prepared.features, graphs)
@@ -188,6 +189,7 @@ def test_bad_config_values_name_the_field(prepared, tmp_path, section, field, va
     ('model', 'matmul_dtype', 'float16', "model.matmul_dtype = 'float16'; expected one of"),
     ('graph', 'spmm_impl', 'dense', "graph.spmm_impl = 'dense'; expected one of"),
     ('graph', 'spmm_chunk_size', -5, 'graph.spmm_chunk_size = -5; expected'),
+    ('model', 'cpu_dot', 'mkl', "model.cpu_dot = 'mkl'; expected one of"),
 ])
 def test_bad_speed_options_name_the_field(prepared, tmp_path, section, field, value, message):
     cfg = point_config(epochs=1)
@@ -212,10 +214,46 @@ def test_speed_options_keep_the_numbers(prepared, tmp_path):
     for name, changes in [('segment_sum', dict(graph__spmm_impl='segment_sum',
                                                graph__spmm_chunk_size=7)),
                           ('one dispatch per batch', dict(train__scan_epoch=False)),
-                          ('transposed', dict(model__transposed_features=True))]:
+                          ('transposed', dict(model__transposed_features=True)),
+                          ('eigen dots', dict(model__cpu_dot='eigen'))]:
         losses, metrics = history(name, **changes)
         np.testing.assert_allclose(losses, base[0], rtol=1e-5, err_msg=name)
         assert metrics == base[1], name
     losses, _ = history('bf16', model__matmul_dtype='bfloat16')
     np.testing.assert_allclose(losses, base[0], rtol=2e-2)
     assert losses != base[0]  # bfloat16 really is in use
+
+
+def test_eigen_cpu_dots_need_float32_towers(prepared, tmp_path):
+    cfg = point_config(epochs=1)
+    cfg.model.cpu_dot, cfg.model.matmul_dtype = 'eigen', 'bfloat16'
+    with pytest.raises(ValueError, match="model.cpu_dot = 'eigen'; expected 'xla' with "
+                                         "model.matmul_dtype='bfloat16'"):
+        train.train_and_evaluate(cfg, prepared, tmp_path)
+
+
+def test_cpu_dot_option_reaches_the_compiled_step(prepared):
+    """'eigen' compiles the training step without YNNPACK dot fusions; 'xla' leaves XLA's
+    choice (which, on this jaxlib's CPU backend, fuses the dots into YNNPACK calls)."""
+    if jax.default_backend() != 'cpu':
+        pytest.skip('a CPU-only option')
+    texts = {}
+    for cpu_dot in ('xla', 'eigen'):
+        cfg = point_config()
+        cfg.model.cpu_dot = cpu_dot
+        options = train.run_options(cfg)
+        ds = prepared.dataset
+        model = train.create_model(cfg.model, ds.n_users, ds.n_items)
+        optimizer = optim.create_optimizer()
+        graphs = lirdrec.Graphs(prepared.norm_adj, train.create_item_graph(
+            prepared, int(cfg.model.knn_k), float(cfg.model.mm_image_weight)))
+        state = train.create_train_state(jax.random.PRNGKey(0), model, optimizer,
+                                         prepared.features, graphs)
+        batch = train.Batch(*(np.zeros(8, np.int32),) * 3, np.ones(8, np.float32))
+        step = train.make_train_step(model, optimizer, None, options.compiler_options)
+        texts[cpu_dot] = step.lower(state, batch, prepared.features, graphs,
+                                    train.step_scalars(0.9, 0.1, 1e-3, 1e-3)).compile().as_text()
+    assert train.run_options(point_config()).compiler_options is None
+    assert ' dot(' in texts['eigen'] and 'ynn_fusion' not in texts['eigen']
+    if 'ynn_fusion' not in texts['xla']:
+        pytest.skip("this jaxlib's XLA:CPU does not use YNNPACK dot fusions")

@@ -258,7 +258,7 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
     `args.epochs` training epochs (its own loader and sampling) and valid + test evaluation.
 
     Returns:
-      {'construct_seconds', 'epoch_seconds': [...], 'eval_seconds', 'parameters'}.
+      {'construct_seconds', 'epoch_seconds': [...], 'eval_seconds', 'parameters'} (trainable).
     """
     import time
     import torch
@@ -291,4 +291,5 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
         eval_seconds = time.perf_counter() - start
     return {'construct_seconds': construct, 'epoch_seconds': epoch_seconds,
             'eval_seconds': eval_seconds,
-            'parameters': int(sum(p.numel() for p in model.parameters()))}
+            # Trainable only: the reference also registers its frozen feature tables.
+            'parameters': int(sum(p.numel() for p in model.parameters() if p.requires_grad))}
