@@ -333,3 +333,55 @@ def test_shared_ranking_gives_each_splits_own_metrics():
         assert metrics == evaluation.evaluate_full_sort(user_emb, item_emb, split, batch_size=7)
     with pytest.raises(ValueError, match='3 splits for a ranking built from 2'):
         evaluation.evaluate_shared(user_emb, item_emb, shared, (valid, test, valid))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanning items in a chosen order gives lax.top_k's result on the original order
+# ----------------------------------------------------------------------------------------------
+
+def _ordered_and_exact(user_emb, item_emb, order, rows=None, cols=None, k=2):
+    users = np.arange(user_emb.shape[0], dtype=np.int32)
+    rows = np.full(1, users.size, np.int32) if rows is None else np.asarray(rows, np.int32)
+    cols = np.zeros(1, np.int32) if cols is None else np.asarray(cols, np.int32)
+    ordered = evaluation._topk_batch(user_emb, item_emb, np.asarray(order, np.int32), users,
+                                     rows, cols, k=k)
+    exact = evaluation._topk_batch(user_emb, item_emb, None, users, rows, cols, k=k)
+    return np.asarray(ordered), np.asarray(exact)
+
+
+def test_a_tie_across_the_cut_is_recomputed_in_the_original_order():
+    # Scores 5, 1, 1, 0: items 1 and 2 tie for the 2nd place; lax.top_k keeps the lower id.
+    user_emb, item_emb = np.ones((1, 1), np.float32), np.array([[5.], [1.], [1.], [0.]],
+                                                               np.float32)
+    order = [0, 2, 1, 3]  # item 2 is scanned before item 1
+    permuted_scan = jax.lax.top_k(jax.numpy.asarray(item_emb[order, 0])[None], 2)[1]
+    assert np.asarray(permuted_scan).tolist() == [[0, 1]]  # i.e. items 0 and 2: the wrong pick
+    ordered, exact = _ordered_and_exact(user_emb, item_emb, order)
+    assert exact.tolist() == [[0, 1]] and ordered.tolist() == [[0, 1]]
+
+
+def test_ties_inside_the_top_k_are_ordered_by_item_id():
+    user_emb, item_emb = np.ones((1, 1), np.float32), np.array([[1.], [3.], [3.], [0.]],
+                                                               np.float32)
+    ordered, exact = _ordered_and_exact(user_emb, item_emb, [2, 1, 0, 3])
+    assert exact.tolist() == [[1, 2]] and ordered.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize('integer_embeddings', [False, True])
+def test_any_item_order_gives_the_exact_top_k(integer_embeddings):
+    rng = np.random.default_rng(21 + integer_embeddings)
+    n_users, n_items, d = 24, 90, 5
+    if integer_embeddings:  # frequent ties, also across the cut
+        user_emb = rng.integers(-1, 2, (n_users, d)).astype(np.float32)
+        item_emb = rng.integers(-1, 2, (n_items, d)).astype(np.float32)
+    else:
+        user_emb = rng.normal(size=(n_users, d)).astype(np.float32)
+        item_emb = rng.normal(size=(n_items, d)).astype(np.float32)
+    # User 3 has all but 12 items masked: masked (-1e10, tied) items fill its list.
+    rows = np.concatenate([np.full(n_items - 12, 3), rng.integers(0, n_users, 60)])
+    cols = np.concatenate([np.arange(12, n_items), rng.integers(0, n_items, 60)])
+    best_first = np.asarray(evaluation.item_order(user_emb, item_emb))
+    for order in (best_first, best_first[::-1], rng.permutation(n_items)):
+        ordered, exact = _ordered_and_exact(user_emb, item_emb, order, rows, cols, k=20)
+        np.testing.assert_array_equal(ordered, exact)
+    assert sorted(best_first.tolist()) == list(range(n_items))
