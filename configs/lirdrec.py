@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.metrics = ('recall', 'ndcg', 'precision', 'map')
     c.eval.topk = (5, 10, 20, 50)
     c.eval.valid_metric = 'recall@20'
-    c.eval.batch_size = 1024        # users per device and dispatch; results do not depend on it
+    c.eval.batch_size = 512         # users per device and dispatch; results do not depend on it
     c.eval.embeddings = 'last_batch'  # 'last_batch' (reference) or 'fresh'
 
     c.graph = ml_collections.ConfigDict()

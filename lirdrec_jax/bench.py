@@ -44,6 +44,7 @@ SCALES = {'baby': (19445, 7050, 160792), 'sports': (35598, 18357, 296337),
           'small': (1499, 700, 25976),  # the size of the embedded default dataset
           'tiny': (600, 300, 4000)}  # for tests of this command
 IMAGE_DIM, TEXT_DIM = 4096, 384
+EVAL_REPEATS = 3  # evaluations timed after the first (which compiles); the best is reported
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,12 +210,12 @@ def _time_epochs(cfg, data, partitioner, n_epochs: int) -> dict:
         state, _ = run(state, batches, e)
         epochs.append(time.perf_counter() - t)
     evals = []
-    for _ in range(2):  # the first includes compiling the ranking
+    for _ in range(EVAL_REPEATS + 1):  # the first includes compiling the ranking
         t = time.perf_counter()
         train.evaluate_splits(state.user_emb, state.item_emb, data, cfg.eval, partitioner)
         evals.append(time.perf_counter() - t)
     return {'compile_seconds': compile_s, 'epoch_seconds': epochs,
-            'eval_seconds': evals[1], 'eval_first_seconds': evals[0],
+            'eval_seconds': min(evals[1:]), 'eval_first_seconds': evals[0],
             'n_batches': int(batches.users.shape[0]), 'params': count_params(state.params)}
 
 
@@ -326,7 +327,7 @@ def format_report(r: dict) -> str:
         f'{"generate + prepare data (s)":40s} {r["generate_seconds"] + r["prepare_seconds"]:12.1f}',
         f'{"compile train step (s)":40s} {r["compile_seconds"]:12.2f}',
         f'{"training epoch, best (s)":40s} {r["epoch_min_seconds"]:12.2f}',
-        f'{"evaluation valid + test (s)":40s} {r["eval_seconds"]:12.2f}',
+        f'{"evaluation valid + test, best of 3 (s)":40s} {r["eval_seconds"]:12.2f}',
         f'{"  first evaluation, with compile (s)":40s} {r["eval_first_seconds"]:12.2f}',
         f'{"peak host RSS":40s} {_gb(r["peak_rss_bytes"]):>12s}',
         f'{"peak device memory":40s} {_gb(r["device_peak_bytes"]):>12s}',

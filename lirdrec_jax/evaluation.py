@@ -251,7 +251,7 @@ def _sharded_topk(partitioner, k: int, ordered: bool):
 
 
 def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
-                   batch_size: int = 1024, partitioner=None,
+                   batch_size: int = 512, partitioner=None,
                    order_items: bool = True) -> np.ndarray:
     """Ranks all items for every evaluated user, training items masked with -1e10.
 
@@ -427,7 +427,7 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
 def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
                        metrics: Sequence[str] = DEFAULT_METRICS,
                        ks: Sequence[int] = DEFAULT_KS,
-                       batch_size: int = 1024, partitioner=None) -> Dict[str, float]:
+                       batch_size: int = 512, partitioner=None) -> Dict[str, float]:
     """Full-sort evaluation of embeddings on one split.
 
     Args:
@@ -478,7 +478,7 @@ def build_shared_ranking(split_users: Sequence[np.ndarray], split_items: Sequenc
 
 def evaluate_shared(user_emb, item_emb, shared: SharedRanking, splits: Sequence[EvalSplit], *,
                     metrics: Sequence[str] = DEFAULT_METRICS, ks: Sequence[int] = DEFAULT_KS,
-                    batch_size: int = 1024, partitioner=None) -> Tuple[Dict[str, float], ...]:
+                    batch_size: int = 512, partitioner=None) -> Tuple[Dict[str, float], ...]:
     """`evaluate_full_sort` of every split in `splits` (the splits `shared` was built from, in
     the same order) from one ranking of their users. Returns one metric dict per split."""
     if len(splits) != len(shared.rows):
@@ -503,7 +503,7 @@ def popularity_scores(train_items: np.ndarray, n_items: int) -> np.ndarray:
 def evaluate_popularity(train_items: np.ndarray, n_items: int, split: EvalSplit, *,
                         metrics: Sequence[str] = DEFAULT_METRICS,
                         ks: Sequence[int] = DEFAULT_KS,
-                        batch_size: int = 1024, partitioner=None) -> Dict[str, float]:
+                        batch_size: int = 512, partitioner=None) -> Dict[str, float]:
     """Most-popular baseline: every user gets the same global ranking, own training items masked.
 
     Implemented as a rank-1 model (user vectors of ones, item vectors = popularity) so it goes

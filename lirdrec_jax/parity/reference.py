@@ -289,10 +289,12 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
             trainer._train_epoch(train_data, epoch)
             trainer.lr_scheduler.step()
             epoch_seconds.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        trainer.evaluate(valid_data)
-        trainer.evaluate(test_data)
-        eval_seconds = time.perf_counter() - start
+        eval_seconds = float('inf')
+        for _ in range(getattr(args, 'eval_repeats', 3)):  # best of, as for ours
+            start = time.perf_counter()
+            trainer.evaluate(valid_data)
+            trainer.evaluate(test_data)
+            eval_seconds = min(eval_seconds, time.perf_counter() - start)
     return {'construct_seconds': construct, 'epoch_seconds': epoch_seconds,
             'eval_seconds': eval_seconds,
             # Without the feature tables it registers but never reads (docs/reference_quirks.md
