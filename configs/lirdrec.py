@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Speed options (docs/performance.md). The defaults reproduce the published numbers of this
     # project bit for bit. On a CPU, the `fast` variant (configs/lirdrec.py:fast or :baby,fast)
     # sets graph.spmm_impl='segment_sum', model.transposed_features=True and
-    # model.cpu_dot='eigen': an epoch about 1.4x faster, results changed only by float32
+    # model.cpu_dot='eigen': an epoch about 1.3x faster, results changed only by float32
     # rounding. 'bfloat16' runs the towers' first layers in bfloat16 with float32 accumulation
     # (faster still; metrics move slightly; needs cpu_dot='xla').
     c.model.matmul_dtype = 'float32'

@@ -14,6 +14,11 @@ given a `parallel.Partitioner`, each device ranks its own batch of users (the us
 over the devices; every device holds all items), with per-user results identical to one device.
 Hits and metrics are vectorised numpy on the host, with the same arithmetic as the reference so
 that the rounded values agree.
+
+Two speed-ups leave every result unchanged (docs/performance.md, "Evaluation"): valid and test
+share one ranking of their users (`SharedRanking`: both mask the same training items), and the
+items are scanned best-first for the mean user (`item_order`), which makes XLA:CPU's top-k
+cheaper, with exact tie repairs (`_topk_batch`).
 """
 import functools
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
