@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from data_prep import encoders, pipeline
+from data_prep import pipeline
 from data_prep.interactions import InteractionLog, RawInteractions
 from data_prep.progress import Progress
 from data_prep.readers import (LineErrors, check_file, iter_lines, parse_rating,
@@ -419,12 +419,7 @@ def parse_csv_columns(text: Optional[str]) -> Optional[Tuple[str, ...]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    progress = not args.quiet
-    encoder = encoders.encoder_from_args(args, progress=progress)  # fails fast if missing
-    pipeline.check_args(args)  # before the (long) parse
-    errors = LineErrors(skip=args.skip_malformed)
+    argv, args, progress, encoder, errors = pipeline.start(build_parser(), argv)
     inter_path = check_file(args.interactions, 'an Amazon ratings CSV or review JSON-lines file')
     meta_path = check_file(args.meta, 'an Amazon metadata file (meta_<Category>.json.gz)')
     image_path = (check_file(args.image_features, 'an Amazon image_features_<Category>.b file')

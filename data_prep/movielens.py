@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from data_prep import encoders, pipeline
+from data_prep import pipeline
 from data_prep.interactions import InteractionLog, RawInteractions
 from data_prep.readers import LineErrors, iter_lines, parse_rating
 from lirdrec_jax.data import DataError
@@ -211,11 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    progress = not args.quiet
-    encoder = encoders.encoder_from_args(args, progress=progress)  # fails fast if missing
-    pipeline.check_args(args)  # before the (long) parse
+    argv, args, progress, encoder, errors = pipeline.start(build_parser(), argv)
     folder = Path(args.input_dir)
     variant = detect_variant(folder) if args.variant == 'auto' else args.variant
     ratings_name, movies_name = VARIANT_FILES[variant]
@@ -225,7 +221,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f'{movies_name} (optionally .gz); found '
                         f'{sorted(p.name for p in folder.iterdir())[:12]}')
     args.variant_used = variant  # recorded in the manifest's options next to --variant
-    errors = LineErrors(skip=args.skip_malformed)
     raw, read_fixes = read_ratings(ratings_path, variant, errors, progress=progress)
     genre_path = find_file(folder, 'u.genre') if variant == '100k' else None
     texts, movie_counts = read_movies(movies_path, variant, errors,

@@ -16,7 +16,7 @@ and hands them to `run`, which applies the shared options below in this order:
 """
 import argparse
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,6 +28,26 @@ from lirdrec_jax.data import DataError
 # Reads image features for the given raw item ids (final item order) and returns
 # ((n_items, d) rows, (n_items,) bool present, counts for the manifest).
 ImageReader = Callable[[List], Tuple[np.ndarray, np.ndarray, Dict[str, int]]]
+
+
+class CommandStart(NamedTuple):
+    """What every raw-data command has before it reads its files (`start`)."""
+    argv: List[str]
+    args: argparse.Namespace
+    progress: bool
+    encoder: encoders.Encoder
+    errors: LineErrors
+
+
+def start(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> CommandStart:
+    """Parses the command line and fails fast, before the (long) parse of the raw files: the
+    text encoder is loaded (a missing model is an error now) and the shared options checked."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    progress = not args.quiet
+    encoder = encoders.encoder_from_args(args, progress=progress)
+    check_args(args)
+    return CommandStart(argv, args, progress, encoder, LineErrors(skip=args.skip_malformed))
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser, *, min_rating: Optional[float]) -> None:
