@@ -404,10 +404,13 @@ def parse_args(argv=None):
     p.add_argument('--reference', metavar='PATH',
                    help='a checkout of enoche/LIRDRec: run it on the same data and print ratios')
     args = p.parse_args(argv)
-    if args.fast:
-        args.spmm_impl, args.transposed_features = 'segment_sum', True
-        if args.matmul_dtype == 'float32':
-            args.cpu_dot = 'eigen'
+    if args.fast:  # the options of configs/lirdrec.py's `fast` variant, defined there once
+        from configs import lirdrec as lirdrec_config
+        fast = lirdrec_config.cpu_fast(lirdrec_config.base_config())
+        args.spmm_impl = fast.graph.spmm_impl
+        args.transposed_features = fast.model.transposed_features
+        if args.matmul_dtype == 'float32':  # Eigen dots are a config error with bfloat16
+            args.cpu_dot = fast.model.cpu_dot
     if args.epochs < 1:
         p.error('--epochs must be >= 1')
     return args

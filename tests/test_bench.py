@@ -39,3 +39,13 @@ def test_reference_hook_without_the_parity_module_is_a_clear_error(monkeypatch):
     args = bench.parse_args(['--reference', '/nowhere'])
     with pytest.raises(SystemExit, match='run_reference_benchmark'):
         bench._reference(args, None)
+
+
+def test_fast_flag_gives_the_fast_config_variant():
+    from configs import lirdrec as lirdrec_config
+    from lirdrec_jax import grid
+    cfg = bench.bench_config(bench.parse_args(['--fast']))
+    assert cfg.to_dict() == grid.expand_grid(lirdrec_config.get_config('fast'))[0].config.to_dict()
+    bf16 = bench.bench_config(bench.parse_args(['--fast', '--matmul_dtype', 'bfloat16']))
+    assert (bf16.graph.spmm_impl, bf16.model.transposed_features, bf16.model.cpu_dot) == \
+        ('segment_sum', True, 'xla')
