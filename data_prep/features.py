@@ -41,10 +41,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data_prep import encoders, mmrec, writer
+from data_prep import encoders, writer
 from data_prep.pipeline import main_guard
 from data_prep.progress import Progress
 from data_prep.readers import LineErrors, check_file, iter_lines, parse_record
+from lirdrec_jax import mmrec_files
 from lirdrec_jax.data import DataError
 
 ITEM_MAP = 'i_id_mapping.csv'
@@ -269,7 +270,7 @@ def build_features(keys: Sequence[str], descriptions: Dict[str, str],
     except ValueError as e:
         raise DataError(f'{out_path}: {e}; expected descriptions keyed by the raw item ids of '
                         f'{ITEM_MAP} (first ids: {list(keys[:3])})') from None
-    feat = mmrec.validate_features(feat, out_path, len(keys))
+    feat = mmrec_files.validate_features(feat, out_path, len(keys))
     counts = {'items': len(keys), 'items_described': len(keys) - n_filled,
               'items_without_description_mean_filled': n_filled,
               'descriptions_for_unknown_items': len(set(descriptions) - set(keys))}
@@ -374,8 +375,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         captioner = load_callable(args.captioner)
     dataset_dir = Path(args.dataset_dir)
     name = args.name or dataset_dir.name
-    inter = mmrec.check_layout(dataset_dir, name)
-    n_items = mmrec.split_interactions(mmrec.read_inter(inter), inter).n_items
+    inter = mmrec_files.check_layout(dataset_dir, name)
+    n_items = mmrec_files.split_interactions(mmrec_files.read_inter(inter), inter).n_items
     keys = read_item_map(Path(args.item_map) if args.item_map else dataset_dir / ITEM_MAP,
                          n_items)
     out_path = dataset_dir / args.output

@@ -1,7 +1,9 @@
 """From raw interaction logs to MMRec's split: duplicates, iterated k-core, re-indexing and the
 per-user chronological split into x_label 0/1/2.
 
-Shared by every data command (`amazon`, `movielens`) and by the synthetic generator.
+Shared by every data command (`amazon`, `movielens`); the k-core filter and the split
+(`k_core`, `temporal_split`) come from `lirdrec_jax.mmrec_files`, which the synthetic generator
+uses too.
 
 The rules, in order (each step's effect is counted for the manifest):
   1. Duplicates: a (user, item) pair that occurs more than once keeps its earliest row (ties:
@@ -21,11 +23,13 @@ The rules, in order (each step's effect is counted for the manifest):
      would leave a user without one are an error naming that user.
 """
 from fractions import Fraction
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
-from lirdrec_jax.data import DataError
+# k_core and temporal_split are MMRec's preprocessing conventions, shared with the synthetic
+# generator; they live in the package, next to the layout's reader.
+from lirdrec_jax.mmrec_files import DataError, k_core, temporal_split
 
 # One train, one valid and one test row.
 MIN_USER_ROWS = 3
@@ -124,61 +128,6 @@ def drop_duplicates(raw: RawInteractions) -> Tuple[RawInteractions, Dict[str, in
     counts = {'duplicate_rows_same_time': int(same_time.sum()),
               'duplicate_rows_later_time': int((~first).sum() - same_time.sum())}
     return select(raw, keep), counts
-
-
-def k_core(users: np.ndarray, items: np.ndarray, k: int,
-           user_k: Optional[int] = None) -> np.ndarray:
-    """(n,) bool mask of the rows kept by iterated k-core filtering.
-
-    Removing a sparse item can push a user below k and vice versa, so the filter repeats until
-    every remaining user has at least `user_k` rows and every remaining item at least `k`.
-
-    Args:
-      users: (n,) int user ids (any non-negative codes).
-      items: (n,) int item ids.
-      k: minimum rows per item (and per user unless `user_k` is given).
-      user_k: minimum rows per user; default k.
-    """
-    user_k = k if user_k is None else user_k
-    keep = np.ones(users.shape[0], dtype=bool)
-    n_users, n_items = int(users.max(initial=-1)) + 1, int(items.max(initial=-1)) + 1
-    while keep.any():
-        u_count = np.bincount(users[keep], minlength=n_users)
-        i_count = np.bincount(items[keep], minlength=n_items)
-        new_keep = keep & (u_count[users] >= user_k) & (i_count[items] >= k)
-        if new_keep.sum() == keep.sum():
-            return keep
-        keep = new_keep
-    return keep
-
-
-def temporal_split(users: np.ndarray, timestamps: np.ndarray, valid_ratio: float,
-                   test_ratio: float) -> np.ndarray:
-    """x_label per row: each user's latest rows are test, the ones before valid, the rest train.
-
-    Args:
-      users: (n,) user ids, rows sorted by (user, timestamp).
-      timestamps: (n,) times, only used to check the order.
-      valid_ratio, test_ratio: fractions of each user's rows, at least one row each.
-
-    Returns:
-      (n,) int64 labels 0 (train) / 1 (valid) / 2 (test).
-    """
-    same_user = np.diff(users) == 0
-    assert np.all(np.diff(users) >= 0) and np.all(np.diff(timestamps)[same_user] >= 0), \
-        'rows must be sorted by (user, timestamp)'
-    counts = np.bincount(users)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(users.shape[0]) - start[users]                  # position within the user
-    n = counts[users]
-    # Rounded like MMRec's per-user 8:1:1 split, but never below one valid and one test row.
-    # floor(x + 0.5) is round-half-up (Python's round() would round 0.5 and 2.5 down).
-    n_test = np.maximum(1, np.floor(n * test_ratio + 0.5)).astype(np.int64)
-    n_valid = np.maximum(1, np.floor(n * valid_ratio + 0.5)).astype(np.int64)
-    labels = np.zeros(users.shape[0], dtype=np.int64)
-    labels[rank >= n - n_test - n_valid] = 1
-    labels[rank >= n - n_test] = 2
-    return labels
 
 
 def parse_split(text: str) -> Tuple[float, float, float]:

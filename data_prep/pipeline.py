@@ -11,7 +11,8 @@ and hands them to `run`, which applies the shared options below in this order:
   3. duplicates, iterated k-core, re-indexing and the per-user split (`interactions`);
   4. text features (one encoder call over the items that have text; the others get the mean
      row), image features (absent rows get the mean row);
-  5. the MMRec-layout folder and its manifest (`writer`), read back through `data_prep.mmrec`;
+  5. the MMRec-layout folder and its manifest (`writer`), read back through
+     `lirdrec_jax.mmrec_files`;
   6. a summary table on stdout.
 """
 import argparse

@@ -9,8 +9,8 @@
   manifest.json         counts, sparsity, sha256 of every other file, the options used, and
                         the count of every fix applied (dropped duplicates, mean-filled rows...)
 
-Everything is written to a temporary sibling folder, read back through `data_prep.mmrec` (the
-same parsing and validation training uses), and only then renamed into place, so a failed or
+Everything is written to a temporary sibling folder, read back through `lirdrec_jax.mmrec_files`
+(the same parsing and validation training uses), and only then renamed into place, so a failed or
 interrupted run never leaves a half-written dataset where training would find it.
 """
 import hashlib
@@ -24,29 +24,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from data_prep import mmrec
 from data_prep.interactions import SplitInteractions
-from lirdrec_jax.data import DataError
+from lirdrec_jax import mmrec_files
+# format_inter and INTER_HEADER define the .inter text; they live with the layout's reader.
+from lirdrec_jax.mmrec_files import INTER_HEADER, DataError, format_inter  # noqa: F401
 
 PathLike = Union[str, os.PathLike]
 
-INTER_HEADER = ('userID', 'itemID', 'rating', 'timestamp', 'x_label')
 MANIFEST = 'manifest.json'
 MANIFEST_FORMAT = 1
 GENERATOR = 'lirdrec_jax data_prep'
-
-
-def format_inter(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
-                 timestamps: np.ndarray, x_label: np.ndarray) -> str:
-    """The `.inter` text: tab-separated header line, then one row per interaction.
-
-    Args:
-      users, items, timestamps, x_label: (n,) integer arrays.
-      ratings: (n,) integer ratings (written '5') or float ratings (written '5.0', '3.5').
-    """
-    columns = [map(str, a.tolist()) for a in (users, items, ratings, timestamps, x_label)]
-    body = ''.join('\t'.join(row) + '\n' for row in zip(*columns))
-    return '\t'.join(INTER_HEADER) + '\n' + body
 
 
 def format_id_map(raw_column: str, new_column: str, keys: Sequence) -> str:
@@ -104,7 +91,7 @@ def write_dataset(out_dir: PathLike, name: str, data: SplitInteractions, *,
       overwrite: replace an existing folder written by these commands.
 
     Returns:
-      (the manifest written, the read-back statistics of `data_prep.mmrec.summary_stats`).
+      (the manifest written, the read-back statistics of `lirdrec_jax.mmrec_files.summary_stats`).
     """
     folder = check_destination(out_dir, name, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -120,15 +107,13 @@ def write_dataset(out_dir: PathLike, name: str, data: SplitInteractions, *,
         feature_files = {}
         for fname, feat in (('image_feat.npy', image_feat), ('text_feat.npy', text_feat)):
             if feat is not None:
-                np.save(tmp / fname, mmrec.validate_features(feat, folder / fname,
-                                                             len(data.item_keys)))
+                np.save(tmp / fname, mmrec_files.validate_features(feat, folder / fname,
+                                                                   len(data.item_keys)))
                 feature_files[fname] = list(feat.shape)
         # Read everything back as training will; any inconsistency fails here, not later.
-        _, stats = mmrec.prepare_arrays(tmp, name,
-                                        image_file='image_feat.npy' if image_feat is not None
-                                        else '',
-                                        text_file='text_feat.npy' if text_feat is not None
-                                        else '')
+        _, stats = mmrec_files.prepare_arrays(
+            tmp, name, image_file='image_feat.npy' if image_feat is not None else '',
+            text_file='text_feat.npy' if text_feat is not None else '')
         full = dict(manifest)
         full.update(build_counts(data, stats, feature_files))
         full['outputs'] = {p.name: {'sha256': sha256_file(p), 'bytes': p.stat().st_size}

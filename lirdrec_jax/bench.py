@@ -1,6 +1,7 @@
-"""Benchmark one LIRDRec grid point at the scale of MMRec's Amazon datasets, on synthetic data.
+"""Benchmark one grid point of any model at the scale of MMRec's Amazon datasets, on synthetic data.
 
   python -m lirdrec_jax.bench --scale baby [--epochs 2] [--json out.json]
+  python -m lirdrec_jax.bench --config configs/freedom.py --scale baby   # another model
   python -m lirdrec_jax.bench --scale baby --fast        # the CPU speed options
   python -m lirdrec_jax.bench --scale clothing --fast --matmul_dtype bfloat16
   python -m lirdrec_jax.bench --scale baby --sweep_points 4      # also: vmapped vs sequential
@@ -9,12 +10,15 @@
 Generates a synthetic dataset with exactly the counts of the chosen scale (Baby 19,445 users /
 7,050 items / 160,792 interactions; Sports 35,598 / 18,357 / 296,337; Clothing 39,387 /
 23,033 / 278,677), 4096-d image and 384-d text features, skewed item popularity and 5+
-interactions per user, split per user like MMRec's chronological 8:1:1 (about 74/13/13). The data carry no signal: this measures
-speed, not accuracy. It then trains the reference's default point (batch 2048, 64-d, two
-user-item layers) on every visible device and prints: compile time, training epoch time,
-evaluation time (valid + test), peak host RSS and device memory (where the backend reports
-it), parameter count, the dense-matmul floor measured on this machine (GEMM rate x the towers'
-FLOP count) and the epoch time as a multiple of it; a table; and the same as JSON (--json).
+interactions per user, split per user like MMRec's chronological 8:1:1 (about 74/13/13), from
+the project's one synthetic generator (`lirdrec_jax.synthetic`); this measures speed, not
+accuracy. It then trains the config's first grid point (by default LIRDRec's: the reference's
+default point, batch 2048, 64-d, two user-item layers) on every visible device and prints:
+compile time, training epoch time, evaluation time (valid + test), peak host RSS and device
+memory (where the backend reports it), parameter count, the dense-matmul floor measured on this
+machine (GEMM rate x the model's analytic FLOP count, `flops_per_batch`) and the epoch time as
+a multiple of it; a table; and the same as JSON (--json). With --reference, the model's parity
+module times the PyTorch reference on the same data.
 
 On a GPU or TPU the same command measures the same quantities on all local devices (the item
 features and the towers' work split over them, users split for evaluation), reports each
@@ -22,6 +26,7 @@ device's peak memory from `memory_stats()`, and computes the floor from the GEMM
 measures on one device times the device count.
 """
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -34,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lirdrec_jax import grid, optim, parallel, sampling, sweep, train
-from lirdrec_jax.data import Interactions, MMRecDataset
-from lirdrec_jax.models import lirdrec
+from lirdrec_jax import cli, grid, models, parallel, sampling, train
+from lirdrec_jax.data import MMRecDataset
+from lirdrec_jax.models import base
 
 # (users, items, interactions) of MMRec's preprocessed Amazon datasets.
 SCALES = {'baby': (19445, 7050, 160792), 'sports': (35598, 18357, 296337),
@@ -54,52 +59,10 @@ EVAL_REPEATS = 3  # evaluations timed after the first (which compiles); the best
 def synthetic_dataset(n_users: int, n_items: int, n_interactions: int, *, seed: int = 0,
                       image_dim: int = IMAGE_DIM, text_dim: int = TEXT_DIM,
                       name: str = 'bench') -> MMRecDataset:
-    """Random interactions with the given counts and Amazon-like shape, random features.
-
-    Every user gets at least 5 distinct items; the rest of the interactions go to users with
-    a long-tailed activity; items are drawn with popularity proportional to 1/(rank + 10).
-    Each user's last rows are test and valid rows (max(1, round(n/10)) each), the rest training
-    rows, as MMRec's chronological 8:1:1 split gives it for short histories. Features: non-negative 4096-d "CNN" vectors and unit 384-d
-    "sentence" vectors, each a noisy projection of 16 latent factors (so kNN graphs are not
-    degenerate).
-    """
-    rng = np.random.default_rng(seed)
-    if n_interactions < 5 * n_users:
-        raise ValueError(f'{n_interactions} interactions cannot give {n_users} users 5 each')
-    activity = rng.pareto(2.0, n_users) + 1.0
-    extra = rng.multinomial(n_interactions - 5 * n_users, activity / activity.sum())
-    lengths = np.minimum(5 + extra, n_items // 2)
-    lengths[0] += n_interactions - lengths.sum()  # exact total (user 0 absorbs the rounding)
-    popularity = 1.0 / (np.arange(n_items) + 10.0)
-    popularity = rng.permutation(popularity / popularity.sum())
-    log_pop = np.log(popularity)
-    users, items = [], []
-    for start in range(0, n_users, 512):  # distinct items per user: Gumbel top-k per block
-        block = lengths[start:start + 512]
-        keys = log_pop[None, :] + rng.gumbel(size=(block.size, n_items))
-        top = np.argsort(-keys, axis=1)[:, :block.max()]
-        take = np.arange(top.shape[1])[None, :] < block[:, None]
-        users.append(np.broadcast_to(np.arange(start, start + block.size)[:, None],
-                                     top.shape)[take])
-        items.append(top[take])
-    users, items = np.concatenate(users), np.concatenate(items)
-    # Per user, the last max(1, round(n/10)) rows are test, the ones before as many valid (as
-    # MMRec's chronological 8:1:1 split gives it for short histories: ~74% train at Baby scale).
-    position = np.arange(users.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    from_end = np.repeat(lengths, lengths) - position  # 1 for a user's last row
-    held = np.repeat(np.maximum(1, np.rint(lengths / 10)).astype(int), lengths)
-    label = np.where(from_end <= held, 2, np.where(from_end <= 2 * held, 1, 0))
-    split = lambda k: Interactions(users[label == k].astype(np.int32),
-                                   items[label == k].astype(np.int32))
-    factors = rng.standard_normal((n_items, 16)).astype(np.float32)
-    image = np.maximum(factors @ rng.standard_normal((16, image_dim)).astype(np.float32)
-                       + rng.standard_normal((n_items, image_dim), dtype=np.float32) + 0.5, 0)
-    image[:, 0] += 1e-3
-    text = factors @ rng.standard_normal((16, text_dim)).astype(np.float32) \
-        + rng.standard_normal((n_items, text_dim), dtype=np.float32)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    return MMRecDataset(name, n_users, n_items, split(0), split(1), split(2),
-                        image.astype(np.float32), text.astype(np.float32))
+    """Exactly these counts, Amazon-like shape: see `lirdrec_jax.synthetic.generate_exact_counts`."""
+    from lirdrec_jax import synthetic
+    return synthetic.to_dataset(synthetic.generate_exact_counts(
+        n_users, n_items, n_interactions, seed=seed, image_dim=image_dim, text_dim=text_dim), name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +82,6 @@ def gemm_rate(dtype: str = 'float32', n: int = 2048, repeats: int = 5, rounds: i
             f(a).block_until_ready()
         best = min(best, (time.perf_counter() - t) / repeats)
     return 2 * n ** 3 / best
-
-
-def tower_flops(n_items: int, dims, dim: int = 64) -> float:
-    """Forward + weight-gradient FLOPs of the three towers over all items, per batch."""
-    per = sum(2 * n_items * (d * 4 * dim + 4 * dim * dim) for d in dims)
-    return 2 * per  # forward and weight gradients (features are constants: no input gradients)
 
 
 def peak_rss_bytes() -> int:
@@ -152,67 +109,74 @@ def count_params(params) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def bench_config(args):
-    """The reference's default point (configs/lirdrec.py: the repository's default options)
-    with this run's speed options."""
-    from configs import lirdrec as lirdrec_config
-    cfg = lirdrec_config.get_config('synthetic')
-    cfg.model.matmul_dtype = args.matmul_dtype
-    cfg.model.transposed_features = args.transposed_features
-    cfg.model.cpu_dot = args.cpu_dot
-    cfg.graph.spmm_impl = args.spmm_impl
-    cfg.graph.spmm_chunk_size = args.spmm_chunk_size
+    """The config's first grid point (`--config`, by default LIRDRec's defaults: the
+    reference's default point) with this run's speed options."""
+    spec = args.config + (',fast' if args.fast and ':' in args.config else
+                          ':fast' if args.fast else '')
+    cfg = cli.load_config(spec)
+    if args.matmul_dtype != 'float32' or args.transposed_features:
+        if 'matmul_dtype' not in cfg.model:
+            raise SystemExit(f'error: --matmul_dtype/--transposed_features: model '
+                             f'{cfg.model_name!r} has no such config fields')
+    if 'matmul_dtype' in cfg.model:
+        cfg.model.matmul_dtype = args.matmul_dtype
+        if args.matmul_dtype == 'bfloat16':
+            cfg.model.cpu_dot = 'xla'  # Eigen dots are a config error with bfloat16
+        cfg.model.transposed_features = cfg.model.transposed_features or args.transposed_features
+    if args.cpu_dot is not None:
+        cfg.model.cpu_dot = args.cpu_dot
+    if args.spmm_impl is not None:
+        cfg.graph.spmm_impl = args.spmm_impl
+    if args.spmm_chunk_size is not None:
+        cfg.graph.spmm_chunk_size = args.spmm_chunk_size
     cfg.train.scan_epoch = not args.no_scan_epoch
     cfg.parallel.num_devices = args.devices
     return grid.expand_grid(cfg)[0].config
 
 
-def _setup(cfg, data, partitioner, seed_offset: int = 0):
-    ds = data.dataset
-    options = train.run_options(cfg)
-    model = train.create_model(cfg.model, ds.n_users, ds.n_items, partitioner)
-    optimizer = optim.create_optimizer()
-    features = train.place_features(partitioner, data.features, options)
-    item_graph = train.create_item_graph(data, int(cfg.model.knn_k),
-                                         float(cfg.model.mm_image_weight))
-    graphs = train.place_graphs(partitioner, lirdrec.Graphs(data.norm_adj, item_graph), options)
-    state = train.place_state(partitioner, train.create_train_state(
-        jax.random.PRNGKey(seed_offset), model, optimizer, features, graphs))
-    return options, model, optimizer, features, graphs, state
-
-
 def _time_epochs(cfg, data, partitioner, n_epochs: int) -> dict:
     """Compile, then `n_epochs` epochs and one evaluation (valid + test), timed."""
-    options, model, optimizer, features, graphs, state = _setup(cfg, data, partitioner)
-    scalars = train.step_scalars(0.9, 0.1, float(cfg.optim.learning_rate),
-                                 float(cfg.model.reg_weight))
-    batches = sampling.epoch_batches(sampling.epoch_rng(0, 0), data.sampler,
-                                     int(cfg.train.batch_size))
+    setup = train.setup_point(cfg, data, partitioner)
+    model, state, frozen = setup.model, setup.state, setup.frozen
+    fns = train.make_epoch_fns(setup, partitioner, str(cfg.eval.get('embeddings', 'last_batch')))
+    kind = sampling.batch_kind(model.batch_kind)
+    host = model.host_init(cfg.model)
+    draw = lambda e: kind.draw(sampling.epoch_rng(0, e), data.sampler, int(cfg.train.batch_size))
+
+    def epoch_args(e):
+        nonlocal host
+        host, scalars = train.epoch_scalars(model, cfg, host, e)
+        key = jax.random.fold_in(setup.epoch_key, e)
+        inputs = train.place_epoch_inputs(
+            partitioner, model.epoch_inputs(data.model, cfg.model, key, e), setup.options)
+        return (inputs, partitioner.replicate(train.device_scalars(scalars)),
+                partitioner.replicate(key))
+
+    batches = draw(0)
+    inputs, scalars, key = epoch_args(0)
     t = time.perf_counter()
-    if options.scan_epoch:
-        epoch_fn = train.make_train_epoch(model, optimizer, partitioner,
-                                          options.compiler_options)
-        epoch_fn.lower(state, train.place_batches(partitioner, batches), features, graphs,
-                       scalars).compile()
-        run = lambda s, b, e: train.run_epoch_scanned(epoch_fn, s, b, features, graphs, scalars,
-                                                      e, partitioner)
+    if setup.options.scan_epoch:
+        fns.epoch.lower(state, train.place_batches(partitioner, batches), frozen, inputs,
+                        scalars, key, None).compile()
     else:
-        step = train.make_train_step(model, optimizer, partitioner, options.compiler_options)
-        first = train.Batch(*(a[0] for a in train.place_batches(partitioner, batches)))
-        step.lower(state, first, features, graphs, scalars).compile()
-        run = lambda s, b, e: train.run_epoch(step, s, b, features, graphs, scalars, e,
-                                              partitioner)
+        first = train.place_batches(partitioner, batches)
+        fns.step.lower(state, type(first)(*(a[0] for a in first)), frozen, inputs, scalars, key,
+                       jax.numpy.int32(0), None).compile()
     compile_s = time.perf_counter() - t
     epochs = []
     for e in range(n_epochs):
-        batches = sampling.epoch_batches(sampling.epoch_rng(0, e), data.sampler,
-                                         int(cfg.train.batch_size))
+        batches = draw(e)
+        inputs, scalars, key = epoch_args(e)
         t = time.perf_counter()
-        state, _ = run(state, batches, e)
+        state = fns.start_epoch(state, None)
+        state, _ = train.run_epoch(fns, state, batches, frozen, inputs, scalars, key, None, e,
+                                   partitioner, setup.options.scan_epoch)
         epochs.append(time.perf_counter() - t)
     evals = []
     for _ in range(EVAL_REPEATS + 1):  # the first includes compiling the ranking
         t = time.perf_counter()
-        train.evaluate_splits(state.user_emb, state.item_emb, data, cfg.eval, partitioner)
+        users, items = fns.eval_embeddings(state.params, state.carry, frozen, inputs, scalars)
+        train.evaluate_splits(users, items, data, cfg.eval, partitioner)
         evals.append(time.perf_counter() - t)
     return {'compile_seconds': compile_s, 'epoch_seconds': epochs,
             'eval_seconds': min(evals[1:]), 'eval_first_seconds': evals[0],
@@ -232,7 +196,7 @@ def _time_sweep(cfg, data, partitioner, n_points: int) -> dict:
         cfgs.append(c)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        results = sweep.train_group(cfgs, data, [Path(d) / str(i) for i in range(n_points)],
+        results = train.train_points(cfgs, data, [Path(d) / str(i) for i in range(n_points)],
                                     partitioner=partitioner,
                                     labels=[f'sweep point {i}' for i in range(n_points)])
         total = time.perf_counter() - t
@@ -247,19 +211,23 @@ def run_benchmark(args) -> dict:
     dataset = synthetic_dataset(n_users, n_items, n_inter, name=args.scale)
     generate_s = time.perf_counter() - t
     t = time.perf_counter()
-    data = train.prepare_data(dataset)
-    prepare_s = time.perf_counter() - t
     cfg = bench_config(args)
+    model = models.get_model(cfg.model_name)
+    data = train.prepare_data(dataset, cfg.model_name)
+    prepare_s = time.perf_counter() - t
     partitioner = train.create_partitioner(cfg.parallel)
     rate_before = gemm_rate('float32')
     timing = _time_epochs(cfg, data, partitioner, args.epochs)
     rate_after = gemm_rate('float32')
     rate = max(rate_before, rate_after)
-    flops = tower_flops(n_items, [IMAGE_DIM, TEXT_DIM, IMAGE_DIM + TEXT_DIM]) \
-        * timing['n_batches']
+    if model.flops_per_batch is None:
+        raise SystemExit(f'error: model {cfg.model_name!r} has no FLOP count (flops_per_batch)')
+    size = base.ProblemSize(n_users, n_items, int(dataset.train.users.size),
+                            int(cfg.train.batch_size), (IMAGE_DIM, TEXT_DIM))
+    flops = model.flops_per_batch(cfg.model, size) * timing['n_batches']
     floor = flops / (rate * partitioner.n_devices)
     result = {
-        'scale': args.scale, 'users': n_users, 'items': n_items, 'interactions': n_inter,
+        'model': cfg.model_name, 'scale': args.scale, 'users': n_users, 'items': n_items, 'interactions': n_inter,
         'train_rows': int(dataset.train.users.size),
         'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
         'jax': jax.__version__, 'backend': parallel.platform(),
@@ -269,7 +237,7 @@ def run_benchmark(args) -> dict:
         'epoch_min_seconds': min(timing['epoch_seconds']),
         'gemm_gflops_float32': rate / 1e9, 'gemm_gflops_before_after': [rate_before / 1e9,
                                                                        rate_after / 1e9],
-        'tower_gflop_per_epoch': flops / 1e9, 'floor_seconds_float32': floor,
+        'gflop_per_epoch': flops / 1e9, 'floor_seconds_float32': floor,
         'epoch_over_floor': min(timing['epoch_seconds']) / floor,
     }
     if args.matmul_dtype == 'bfloat16':
@@ -286,23 +254,25 @@ def run_benchmark(args) -> dict:
     result['peak_rss_bytes'] = peak_rss_bytes()
     result['device_peak_bytes'] = device_peak_bytes(partitioner.mesh.devices.flat)
     if args.reference:
-        result['reference'] = _reference(args, dataset)
+        result['reference'] = _reference(args, dataset, cfg)
     return result
 
 
-def _reference(args, dataset) -> dict:
-    """The PyTorch reference on the same data, via lirdrec_jax.parity.reference (hook).
-
-    `run_reference_benchmark(path, dataset, args) -> dict` is expected to return any of the keys
-    'compile_seconds', 'epoch_seconds' (a list), 'eval_seconds', 'peak_rss_bytes', 'metrics';
-    ratios are printed for the ones present.
-    """
+def _reference(args, dataset, cfg) -> dict:
+    """The PyTorch reference on the same data, through the model's parity module
+    (`run_reference_benchmark(path, dataset, args, point_cfg) -> dict`, returning any of the
+    keys 'compile_seconds', 'epoch_seconds' (a list), 'eval_seconds', 'peak_rss_bytes',
+    'parameters'; ratios are printed for the ones present)."""
+    hooks = models.get_model(cfg.model_name).parity
+    if hooks is None:
+        raise SystemExit(f'error: --reference: model {cfg.model_name!r} has no parity module')
     try:
-        from lirdrec_jax.parity.reference import run_reference_benchmark
-    except ImportError as err:
-        raise SystemExit(f'error: --reference needs lirdrec_jax.parity.reference.'
-                         f'run_reference_benchmark, which is not available ({err})')
-    return run_reference_benchmark(args.reference, dataset, args)
+        module = importlib.import_module(hooks.module)
+        run_reference_benchmark = module.run_reference_benchmark
+    except (ImportError, AttributeError) as err:
+        raise SystemExit(f'error: --reference needs {hooks.module}.run_reference_benchmark, '
+                         f'which is not available ({err})')
+    return run_reference_benchmark(args.reference, dataset, args, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +286,8 @@ def _gb(n) -> str:
 def format_report(r: dict) -> str:
     epochs = ', '.join(f'{s:.2f}' for s in r['epoch_seconds'])
     lines = [
-        f'machine: {r["machine"]}; jax {r["jax"]} on {r["backend"]}; {r["devices"]}',
+        f'model {r["model"]}; machine: {r["machine"]}; jax {r["jax"]} on {r["backend"]}; '
+        f'{r["devices"]}',
         f'data ({r["scale"]} scale, synthetic): {r["users"]} users, {r["items"]} items, '
         f'{r["interactions"]} interactions ({r["train_rows"]} train rows, {r["n_batches"]} '
         f'batches of 2048); features {IMAGE_DIM}-d image + {TEXT_DIM}-d text',
@@ -333,7 +304,7 @@ def format_report(r: dict) -> str:
         f'{"peak device memory":40s} {_gb(r["device_peak_bytes"]):>12s}',
         f'{"parameters":40s} {r["params"]:12,d}',
         f'{"GEMM rate float32 (GFLOP/s, best)":40s} {r["gemm_gflops_float32"]:12.0f}',
-        f'{"towers: GFLOP per epoch":40s} {r["tower_gflop_per_epoch"]:12.0f}',
+        f'{"analytic GFLOP per epoch":40s} {r["gflop_per_epoch"]:12.0f}',
         f'{"floor: epoch at GEMM rate (s)":40s} {r["floor_seconds_float32"]:12.2f}',
         f'{"epoch / floor":40s} {r["epoch_over_floor"]:12.2f}x',
     ]
@@ -384,17 +355,19 @@ def _reference_table(ours: dict, ref: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m lirdrec_jax.bench',
                                 description=__doc__.splitlines()[0])
+    p.add_argument('--config', default='configs/lirdrec.py',
+                   help='config file[:variant] of the model to time (its first grid point)')
     p.add_argument('--scale', choices=sorted(SCALES), default='baby')
     p.add_argument('--epochs', type=int, default=2, help='training epochs to time')
     p.add_argument('--json', help='also write the results to this JSON file')
     p.add_argument('--matmul_dtype', choices=('float32', 'bfloat16'), default='float32')
     p.add_argument('--fast', action='store_true',
-                   help='the CPU speed options (configs/lirdrec.py:fast): --spmm_impl '
-                        'segment_sum --transposed_features, and --cpu_dot eigen in float32')
-    p.add_argument('--spmm_impl', choices=('segment_sum', 'bcoo'), default='bcoo')
-    p.add_argument('--spmm_chunk_size', type=int, default=-1)
+                   help="the config's `fast` variant (the CPU speed options, e.g. "
+                        'configs/lirdrec.py:fast)')
+    p.add_argument('--spmm_impl', choices=('segment_sum', 'bcoo'), default=None)
+    p.add_argument('--spmm_chunk_size', type=int, default=None)
     p.add_argument('--transposed_features', action='store_true')
-    p.add_argument('--cpu_dot', choices=('xla', 'eigen'), default='xla',
+    p.add_argument('--cpu_dot', choices=('xla', 'eigen'), default=None,
                    help="XLA:CPU GEMM kernels of the training step (model.cpu_dot)")
     p.add_argument('--no_scan_epoch', action='store_true',
                    help='one dispatch per batch instead of one scan per epoch')
@@ -402,15 +375,9 @@ def parse_args(argv=None):
     p.add_argument('--sweep_points', type=int, default=0,
                    help='also time one vmapped epoch of this many points')
     p.add_argument('--reference', metavar='PATH',
-                   help='a checkout of enoche/LIRDRec: run it on the same data and print ratios')
+                   help="a checkout of the model's reference repository (e.g. enoche/LIRDRec): "
+                        'run it on the same data and print ratios')
     args = p.parse_args(argv)
-    if args.fast:  # the options of configs/lirdrec.py's `fast` variant, defined there once
-        from configs import lirdrec as lirdrec_config
-        fast = lirdrec_config.cpu_fast(lirdrec_config.base_config())
-        args.spmm_impl = fast.graph.spmm_impl
-        args.transposed_features = fast.model.transposed_features
-        if args.matmul_dtype == 'float32':  # Eigen dots are a config error with bfloat16
-            args.cpu_dot = fast.model.cpu_dot
     if args.epochs < 1:
         p.error('--epochs must be >= 1')
     return args

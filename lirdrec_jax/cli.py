@@ -50,17 +50,22 @@ def _config_path(argv) -> str:
     return 'configs/lirdrec.py'
 
 
-def precheck(argv) -> None:
-    """Load the config file once before absl parses the overrides, to report bad keys clearly."""
-    path = _config_path(argv)
+def load_config(path: str):
+    """The config of `file.py[:variant]` (its `get_config(variant)`), as absl's config_flags
+    would load it; a missing file exits with an error line."""
     file_part, _, variant = path.partition(':')
     if not os.path.isfile(file_part):
         raise SystemExit(f'error: config file {file_part!r} not found (run from the repository '
                          'root, e.g. --config configs/lirdrec.py:baby)')
-    spec = importlib.util.spec_from_file_location('_lirdrec_jax_config_precheck', file_part)
+    spec = importlib.util.spec_from_file_location('_lirdrec_jax_config_file', file_part)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(variant) if variant else module.get_config()
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def precheck(argv) -> None:
+    """Load the config file once before absl parses the overrides, to report bad keys clearly."""
+    config = load_config(_config_path(argv))
     try:
         check_override_keys(config, argv)
     except ConfigKeyError as err:

@@ -1,16 +1,18 @@
 """Loading and validating MMRec-layout datasets.
 
-`load_mmrec` converts `<data_dir>/<name>/` once into a cached `.npz` (see `data_prep.mmrec`,
-which holds the parsing and validation) and reads that cache on later runs.
+`load_mmrec` converts `<data_dir>/<name>/` once into a cached `.npz` (see
+`lirdrec_jax.mmrec_files`, which holds the parsing and validation) and reads that cache on
+later runs.
 """
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A dataset file is missing or malformed; the message names the file, line/field and expectation."""
+from lirdrec_jax import mmrec_files
+# DataError is defined next to the parsing that raises most of them; it is part of this
+# module's interface too (`from lirdrec_jax.data import DataError`).
+from lirdrec_jax.mmrec_files import DataError
 
 
 class Interactions(NamedTuple):
@@ -49,10 +51,9 @@ class MMRecDataset(NamedTuple):
 
 def _cache_location(dataset_dir: Path, name: str, cache_dir) -> Path:
     """`<cache_dir>/<name>.npz`, or the converter's default next to the source files."""
-    from data_prep import mmrec  # deferred: data_prep.mmrec imports DataError from here
     if cache_dir:
         return Path(cache_dir) / f'{name}.npz'
-    return mmrec.default_cache_path(dataset_dir, name)
+    return mmrec_files.default_cache_path(dataset_dir, name)
 
 
 def _checked_ids(z, key: str, n: int, cache: Path) -> np.ndarray:
@@ -82,7 +83,7 @@ def read_cache(cache: Path, name: str) -> MMRecDataset:
     """Reads a converted `.npz` and re-checks its shapes and id ranges (cheap, O(size)).
 
     Args:
-      cache: the `.npz` written by `data_prep.mmrec.convert_mmrec`.
+      cache: the `.npz` written by `mmrec_files.convert_mmrec`.
       name: the dataset name to record.
 
     Returns:
@@ -134,12 +135,11 @@ def load_mmrec(data_dir, name: str, *, image_file: str = 'image_feat.npy',
     Raises:
       DataError: a source file is missing or malformed, or the cache is inconsistent.
     """
-    from data_prep import mmrec  # deferred: data_prep.mmrec imports DataError from here
     dataset_dir = Path(data_dir) / name
     cache = _cache_location(dataset_dir, name, cache_dir)
     kw = dict(image_file=image_file, text_file=text_file)
-    if not mmrec.cache_is_fresh(dataset_dir, name, cache, **kw):
-        mmrec.convert_mmrec(dataset_dir, name, cache_path=cache, **kw)
+    if not mmrec_files.cache_is_fresh(dataset_dir, name, cache, **kw):
+        mmrec_files.convert_mmrec(dataset_dir, name, cache_path=cache, **kw)
     return read_cache(cache, name)
 
 

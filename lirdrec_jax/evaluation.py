@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lirdrec_jax import parallel
+
 DEFAULT_METRICS: Tuple[str, ...] = ('recall', 'ndcg', 'precision', 'map')
 DEFAULT_KS: Tuple[int, ...] = (5, 10, 20, 50)
 MASK_SCORE = -1e10  # the reference's value for masked training items
@@ -167,7 +169,7 @@ def item_order(user_emb: jax.Array, item_emb: jax.Array) -> jax.Array:
     return jnp.argsort(-priority, stable=True).astype(jnp.int32)
 
 
-_item_order_jit = jax.jit(item_order)
+item_order_jit = jax.jit(item_order)
 
 
 def _topk_batch(user_emb: jax.Array, item_emb: jax.Array, order: Optional[jax.Array],
@@ -212,10 +214,6 @@ def _topk_batch(user_emb: jax.Array, item_emb: jax.Array, order: Optional[jax.Ar
         tie_at_cut,
         lambda: _topk_exact(user_emb, item_emb, batch_users, mask_rows, mask_cols, k),
         lambda: ranked.astype(jnp.int32))
-
-
-# Module-level so the compilation cache survives across calls (every epoch re-evaluates).
-_topk_batch_jit = jax.jit(_topk_batch, static_argnames=('k',))
 
 
 def _batched_mask_pairs(split: EvalSplit, batch: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -267,17 +265,15 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
       k: list length; must not exceed n_items.
       batch_size: users per accelerator batch (capped at n_eval to avoid useless padding); with
         a partitioner, users per device and dispatch.
-      partitioner: a `parallel.Partitioner` to spread the batches over its devices; None runs
-        on the default device.
+      partitioner: a `parallel.Partitioner` to spread the batches over its devices; None: the
+        default device (`parallel.single_device`).
       order_items: scan the items in `item_order` (faster top-k on the CPU; the same result,
         see `_topk_batch`).
 
     Returns:
       (n_eval, k) int32 item ids, best first, rows in `split.users` order.
     """
-    if partitioner is None:
-        user_emb = jnp.asarray(user_emb, jnp.float32)
-        item_emb = jnp.asarray(item_emb, jnp.float32)
+    partitioner = partitioner or parallel.single_device()
     n_items = item_emb.shape[0]
     if not 0 < k <= n_items:
         raise ValueError(f'k={k} must be in [1, n_items={n_items}]')
@@ -285,28 +281,21 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
         return np.zeros((0, k), np.int32)
     batch = max(1, min(int(batch_size), split.n_eval))
     n_batches = -(-split.n_eval // batch)
-    # With a partitioner, whole groups of one batch per device (dummy batches at the end).
-    n_dev = 1 if partitioner is None else partitioner.n_devices
+    # Whole groups of one batch per device (dummy batches at the end).
+    n_dev = partitioner.n_devices
     n_blocks = -(-n_batches // n_dev) * n_dev
     # Pad the last batch with user 0; its rows are cut off below.
     users = np.zeros(n_blocks * batch, np.int32)
     users[:split.n_eval] = split.users
     users = users.reshape(n_blocks, batch)
     rows, cols = _batched_mask_pairs(split, batch)
-    if partitioner is None:
-        order = _item_order_jit(user_emb, item_emb) if order_items else None
-        # Dispatch every batch before fetching any result so host and device work overlap.
-        outs = [_topk_batch_jit(user_emb, item_emb, order, users[b], rows[b], cols[b], k=k)
-                for b in range(n_batches)]
-        topk = np.concatenate([np.asarray(o) for o in outs], axis=0)
-        return topk[:split.n_eval]
 
     rows = np.concatenate([rows, np.full((n_blocks - n_batches, rows.shape[1]), batch,
                                          np.int32)])  # dummy blocks: every pair dropped
     cols = np.concatenate([cols, np.zeros((n_blocks - n_batches, cols.shape[1]), np.int32)])
     user_emb, item_emb = partitioner.replicate((jnp.asarray(user_emb, jnp.float32),
                                                 jnp.asarray(item_emb, jnp.float32)))
-    order = partitioner.replicate(_item_order_jit(user_emb, item_emb))
+    order = partitioner.replicate(item_order_jit(user_emb, item_emb))
     ranked = _sharded_topk(partitioner, k, bool(order_items))
     outs = []
     for g in range(0, n_blocks, n_dev):

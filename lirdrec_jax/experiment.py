@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional
 import ml_collections
 
 from lirdrec_jax import data as data_lib
-from lirdrec_jax import evaluation, grid, parallel, reporting, sweep, train
+from lirdrec_jax import evaluation, grid, models, parallel, reporting, sweep, train
 
 # Keys whose change between the interrupted and the resumed run is harmless: where the run
 # writes, and how it is spread over devices and sweep groups (the same numbers up to float32
@@ -37,7 +37,7 @@ def load_dataset(data_cfg) -> data_lib.MMRecDataset:
         if name != 'synthetic':
             raise ValueError(f'data.data_dir is empty, but dataset {name!r} is not the embedded '
                              'one: pass --config.data.data_dir=/path/to/mmrec/data')
-        from data_prep import synthetic
+        from lirdrec_jax import synthetic
         data_dir, name = synthetic.ensure_default_dataset()
     return data_lib.load_mmrec(data_dir, name, image_file=data_cfg.image_file,
                                text_file=data_cfg.text_file,
@@ -86,6 +86,7 @@ def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
     """Train all grid points of `cfg`; returns the summary also written to results.json."""
     # Before anything touches JAX: join the other processes of a multi-process run.
     parallel.initialize_distributed(cfg.parallel.distributed)
+    models.get_model(cfg.model_name)  # an unknown model is an error before anything is written
     sweep.check_sweep_config(cfg.sweep)
     points = grid.expand_grid(cfg)
     partitioner = train.create_partitioner(cfg.parallel)
@@ -107,7 +108,7 @@ def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
 
     dataset = load_dataset(cfg.data)  # every process loads the data (and draws the same batches)
     log(data_lib.describe(dataset))
-    prepared = train.prepare_data(dataset)
+    prepared = train.prepare_data(dataset, cfg.model_name)
     metrics, ks = tuple(m.lower() for m in cfg.eval.metrics), tuple(cfg.eval.topk)
     popularity = {
         split: evaluation.evaluate_popularity(dataset.train.items, dataset.n_items,
@@ -173,17 +174,13 @@ def _run_point(point, ctx: _RunContext) -> dict:
         return earlier
     ctx.log(f'=== point {point.index + 1}/{ctx.n_points}: {_label(point)}')
     start = time.perf_counter()
-    try:
-        outcome = train.train_and_evaluate(point.config, ctx.prepared,
-                                           ctx.workdir / f'point-{point.index:03d}',
-                                           resume=ctx.resume,
-                                           stop_after_epochs=ctx.stop_after_epochs,
-                                           partitioner=ctx.partitioner)
-    except train.TrainingDiverged as err:
+    outcome = train.train_points([point.config], ctx.prepared,
+                                 [ctx.workdir / f'point-{point.index:03d}'], resume=ctx.resume,
+                                 stop_after_epochs=ctx.stop_after_epochs,
+                                 partitioner=ctx.partitioner)[0]
+    if outcome.get('diverged'):
         # Like the reference, a diverged point does not stop the grid; it is reported as such.
-        ctx.log(f'point {point.index + 1} diverged: {err}')
-        outcome = {'finished': True, 'diverged': str(err), 'best_epoch': -1,
-                   'best_valid': None, 'best_test': None, 'history': []}
+        ctx.log(f'point {point.index + 1} diverged: {outcome["diverged"]}')
     return _close_point(point, outcome, time.perf_counter() - start, ctx)
 
 

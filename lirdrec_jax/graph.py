@@ -105,6 +105,13 @@ def spmm_operand(adj: jsparse.BCOO, impl: str, chunk_size: int) -> SparseMatrix:
     raise ValueError(f'config field graph.spmm_impl = {impl!r}; expected one of {SPMM_IMPLS}')
 
 
+def to_operands(tree, impl: str, chunk_size: int):
+    """`tree` with every BCOO matrix in it converted by `spmm_operand` (other leaves kept)."""
+    return jax.tree.map(
+        lambda x: spmm_operand(x, impl, chunk_size) if isinstance(x, jsparse.BCOO) else x,
+        tree, is_leaf=lambda x: isinstance(x, jsparse.BCOO))
+
+
 def _scatter_products(rows, cols, values, x, n_out):
     """sum over entries e of values[e] * x[cols[e]] into row rows[e], chunk by chunk, in order."""
     x = jnp.asarray(x)

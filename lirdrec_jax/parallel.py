@@ -103,6 +103,12 @@ def initialize_distributed(mode: str = 'auto') -> bool:
     return jax.process_count() > 1
 
 
+@functools.lru_cache(maxsize=None)
+def single_device() -> 'Partitioner':
+    """The partitioner of the default device alone (what a caller without one computes on)."""
+    return Partitioner(num_devices=1)
+
+
 def pad_to_multiple(a: np.ndarray, axis: int, multiple: int, fill=0) -> np.ndarray:
     """`a` with `fill` appended along `axis` up to a multiple of `multiple` (host, numpy)."""
     a = np.asarray(a)

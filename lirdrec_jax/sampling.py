@@ -1,4 +1,6 @@
-"""BPR training triples: shuffled positives, one uniformly drawn negative per positive.
+"""Training batches of each kind a model can name (`BATCH_KINDS`), drawn on the host per epoch.
+
+'bpr': BPR training triples: shuffled positives, one uniformly drawn negative per positive.
 
 Semantics of the reference (MMRec's TrainDataLoader), vectorised:
 - every epoch the training rows are shuffled and cut into batches of `batch_size` in order;
@@ -7,7 +9,7 @@ Semantics of the reference (MMRec's TrainDataLoader), vectorised:
 The reference draws with Python's `random` one row at a time; we draw whole arrays with numpy,
 so the streams differ but the distribution is the same.
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -93,3 +95,26 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     """The host RNG of one epoch, derived from (seed, epoch): resuming at any epoch redraws
     exactly the batches an uninterrupted run would have drawn."""
     return np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+
+
+class BatchKind(NamedTuple):
+    """A kind of training batch: `tables(dataset) -> tables` is built once per dataset,
+    `draw(rng, tables, batch_size) -> batches` once per epoch; batches are a NamedTuple of
+    (n_batches, batch_size, ...) arrays whose second axis holds the rows (split over devices)."""
+    tables: Callable
+    draw: Callable
+
+
+def _bpr_tables(dataset) -> SamplerTables:
+    return sampler_tables(dataset.train.users, dataset.train.items, dataset.n_items)
+
+
+BATCH_KINDS = {'bpr': BatchKind(_bpr_tables, epoch_batches)}
+
+
+def batch_kind(name: str) -> BatchKind:
+    try:
+        return BATCH_KINDS[name]
+    except KeyError:
+        raise ValueError(f'unknown batch kind {name!r}; expected one of '
+                         f'{", ".join(sorted(BATCH_KINDS))}') from None

@@ -1,34 +1,36 @@
-"""Training of one configuration (one grid point): epochs, evaluation, early stopping, resume.
+"""Training of grid points: epochs, evaluation, early stopping, resume, for every model.
 
-The state that the reference keeps in module attributes is explicit here:
-- `TrainState.attention` is the fusion attention of the last training batch; at the start of
-  the next epoch it overwrites the PWC table theta (the reference's `theta.data = last_att`).
-- `TrainState.user_emb/item_emb` are the representations of the last training forward pass,
-  computed before that batch's optimiser step; the reference evaluates on exactly these (its
-  cached `result_embed`). `eval.embeddings = 'fresh'` evaluates on a new forward pass instead.
-- `Progress` is the host-side state: epoch, the PWC weights w1/w2, early stopping, history.
+The model is chosen by `config.model_name` from the registry (`lirdrec_jax.models`) and seen
+only through its interface (`models/base.py`): the trainer draws batches of the model's kind,
+calls its epoch schedule and per-epoch inputs on the host, its `start_epoch` and `loss` on the
+device, and evaluates on its `eval_embeddings`. The device state is `TrainState(params,
+opt_state, carry)`; the host state is `Progress` (epoch, early stopping, history, and the
+model's own host state).
+
+One loop trains a group of points (`train_points`): a group of one is a plain run; a group of
+several (sweep.py decides which points may share one compiled program) runs the same epoch
+code `jax.vmap`ped over a leading point axis, with a per-point `active` mask so that a point
+that stopped keeps its state while the others go on. Each point keeps its own host state,
+checkpoints, metrics.jsonl and result in the same format either way.
 
 Where arrays live is the business of a `parallel.Partitioner` (all local devices by default;
-one device gives the same computation as plain `jit`). The speed options of a point
-(`RunOptions`: sparse product, tower precision, scanned epochs) are read from the config once.
-`sweep.py` trains several points side by side with the same pieces.
+one device gives the same computation as plain `jit`). The speed options of a run
+(`RunOptions`: sparse product, scanned epochs, CPU GEMM kernels) are read from the config once.
 """
 import dataclasses
-import functools
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lirdrec_jax import evaluation, graph, losses, optim, parallel, reporting, sampling
+from lirdrec_jax import evaluation, graph, models, optim, parallel, reporting, sampling
 from lirdrec_jax.checkpointing import RunCheckpoints
 from lirdrec_jax.data import MMRecDataset
-from lirdrec_jax.models import lirdrec
-from lirdrec_jax.models.layers import MATMUL_DTYPES
+from lirdrec_jax.models import base
 
 
 class TrainingDiverged(FloatingPointError):
@@ -36,44 +38,23 @@ class TrainingDiverged(FloatingPointError):
 
 
 class TrainState(NamedTuple):
-    """Device-side state, passed into and returned by `train_step`.
+    """Device-side state, passed into and returned by the train step.
 
     Attributes:
       params: the model's parameter pytree.
       opt_state: Adam's moments and step count.
-      attention: (n_users, 3) fusion attention of the last training forward.
-      user_emb: (n_users, 3*dim) users of the last training forward (evaluation quirk).
-      item_emb: (n_items, 3*dim) items of the last training forward.
+      carry: what the model hands from one step to the next (`models/base.py`).
     """
     params: Any
     opt_state: Any
-    attention: jax.Array
-    user_emb: jax.Array
-    item_emb: jax.Array
-
-
-class StepScalars(NamedTuple):
-    """Per-step scalars, passed as arrays so that changing them never recompiles."""
-    w1: jax.Array
-    w2: jax.Array
-    learning_rate: jax.Array
-    reg_weight: jax.Array
-
-
-class Batch(NamedTuple):
-    """(batch,) int32 users, positives, negatives and float32 weights (0 on padding rows)."""
-    users: jax.Array
-    positives: jax.Array
-    negatives: jax.Array
-    weights: jax.Array
+    carry: Any
 
 
 @dataclasses.dataclass
 class Progress:
     """Host-side training state, saved as JSON in every checkpoint."""
     epochs_done: int
-    w1: float
-    w2: float
+    model_state: dict
     best_valid_score: float = -1.0
     stale_evaluations: int = 0
     best_epoch: int = -1
@@ -84,25 +65,22 @@ class Progress:
 
 
 class PreparedData(NamedTuple):
-    """Everything derived once from a dataset and shared by all grid points."""
+    """Everything derived once from a dataset and shared by all grid points of one model."""
     dataset: MMRecDataset
-    features: lirdrec.ItemFeatures
-    norm_adj: Any
-    edges: graph.TrainEdges
-    sampler: sampling.SamplerTables
+    model_name: str
+    model: Any  # the model's `prepare(dataset)`
+    sampler: Any  # the tables of the model's batch kind (`sampling.BATCH_KINDS`)
     valid: evaluation.EvalSplit
     test: evaluation.EvalSplit
     ranking: evaluation.SharedRanking  # one ranking of valid's and test's users for both
 
 
-def prepare_data(dataset: MMRecDataset) -> PreparedData:
+def prepare_data(dataset: MMRecDataset, model_name: str) -> PreparedData:
     train = dataset.train
+    model = models.get_model(model_name)
     return PreparedData(
-        dataset=dataset,
-        features=lirdrec.item_features(dataset.image_feat, dataset.text_feat),
-        norm_adj=graph.norm_adjacency(train.users, train.items, dataset.n_users, dataset.n_items),
-        edges=graph.train_edges(train.users, train.items, dataset.n_users, dataset.n_items),
-        sampler=sampling.sampler_tables(train.users, train.items, dataset.n_items),
+        dataset=dataset, model_name=model_name, model=model.prepare(dataset),
+        sampler=sampling.batch_kind(model.batch_kind).tables(dataset),
         valid=evaluation.build_eval_split(dataset.valid.users, dataset.valid.items,
                                           train.users, train.items),
         test=evaluation.build_eval_split(dataset.test.users, dataset.test.items,
@@ -112,50 +90,19 @@ def prepare_data(dataset: MMRecDataset) -> PreparedData:
             train.users, train.items))
 
 
-def create_item_graph(data: PreparedData, knn_k: int, mm_image_weight: float):
-    """The frozen kNN item graph of one (knn_k, mm_image_weight) point (seconds to build)."""
-    ds = data.dataset
-    feats = [f for f in (ds.image_feat, ds.text_feat) if f is not None]
-    weights = graph.modality_weights(ds.image_feat is not None, ds.text_feat is not None,
-                                     mm_image_weight)
-    return graph.knn_item_graph(feats, weights, knn_k)
-
-
-def create_model(model_cfg, n_users: int, n_items: int,
-                 partitioner: Optional[parallel.Partitioner] = None) -> lirdrec.LIRDRec:
-    """The model of one point; with a partitioner of several devices, with its layout hook."""
-    return lirdrec.LIRDRec(n_users=n_users, n_items=n_items, dim=int(model_cfg.embedding_size),
-                           n_ui_layers=int(model_cfg.n_ui_layers),
-                           n_mm_layers=int(model_cfg.n_mm_layers),
-                           matmul_dtype=str(model_cfg.get('matmul_dtype', 'float32')),
-                           layout=None if partitioner is None else partitioner.layout_hook())
-
-
-def create_train_state(key: jax.Array, model, optimizer, features, graphs) -> TrainState:
-    params = model.init(key, features, graphs, 1.0, 0.0)['params']
-    theta = params['fusion']['theta']
-    # Before any forward pass the reference's `last_att` is theta itself, so the overwrite at
-    # the start of epoch 1 changes nothing; starting `attention` at theta reproduces that.
-    n_users, n_items, width = model.n_users, model.n_items, 3 * model.dim
-    return TrainState(params, optimizer.init(params), theta,
-                      jnp.zeros((n_users, width), jnp.float32),
-                      jnp.zeros((n_items, width), jnp.float32))
-
-
 # ----------------------------------------------------------------------------------------------
-# Speed options and placement
+# Speed options and checks
 # ----------------------------------------------------------------------------------------------
 
 class RunOptions(NamedTuple):
     """How a point is computed (not what): the defaults give exactly the numbers of plain
-    single-device training; every other choice the same numbers up to float32 rounding, except
-    `matmul_dtype='bfloat16'` (docs/performance.md).
+    single-device training; the others the same numbers up to float32 rounding
+    (docs/performance.md). Model-specific speed options (a tower's matmul dtype) are the
+    model's own config fields.
 
     Attributes:
       spmm_impl: 'bcoo' or 'segment_sum' (graph.SPMM_IMPLS).
       spmm_chunk_size: entries per chunk of 'segment_sum' (0 = one chunk).
-      matmul_dtype: 'float32' or 'bfloat16', of the towers' first layers.
-      transposed_features: keep transposed feature copies for the towers' weight gradients.
       scan_epoch: run an epoch's batches in one compiled `lax.scan` (bit-identical to one
         dispatch per batch on every run we compared, and faster; no progress lines within an
         epoch).
@@ -164,8 +111,6 @@ class RunOptions(NamedTuple):
     """
     spmm_impl: str = 'bcoo'
     spmm_chunk_size: int = 0
-    matmul_dtype: str = 'float32'
-    transposed_features: bool = False
     scan_epoch: bool = True
     cpu_dot: str = 'xla'
 
@@ -174,22 +119,25 @@ class RunOptions(NamedTuple):
         """XLA options of the training step/epoch (None: XLA's defaults)."""
         return parallel.compiler_options(self.cpu_dot)
 
+    def for_vmap(self) -> 'RunOptions':
+        """Vmapping needs the ChunkedCoo form of the graphs (values may be stacked per point,
+        indices shared); with 'bcoo' one chunk is used, the same arithmetic as BCOO's."""
+        chunk = self.spmm_chunk_size if self.spmm_impl == 'segment_sum' else 0
+        return self._replace(spmm_impl='segment_sum', spmm_chunk_size=chunk)
+
 
 # CPU: chunks of this many entries keep the sparse product's intermediates in cache.
 CPU_SPMM_CHUNK = 4096
 
 
 def run_options(cfg) -> RunOptions:
-    """The point's RunOptions; config sections or fields that are absent take the defaults of
-    configs/lirdrec.py. `graph.spmm_chunk_size = -1` means CPU_SPMM_CHUNK on the CPU and one
-    chunk on GPU/TPU."""
+    """The point's RunOptions; absent sections or fields take the defaults.
+    `graph.spmm_chunk_size = -1` means CPU_SPMM_CHUNK on the CPU and one chunk on GPU/TPU."""
     g = cfg.get('graph') or {}
     chunk = int(g.get('spmm_chunk_size', -1))
     if chunk < 0:
         chunk = CPU_SPMM_CHUNK if parallel.platform() == 'cpu' else 0
     return RunOptions(spmm_impl=str(g.get('spmm_impl', 'bcoo')), spmm_chunk_size=chunk,
-                      matmul_dtype=str(cfg.model.get('matmul_dtype', 'float32')),
-                      transposed_features=bool(cfg.model.get('transposed_features', False)),
                       scan_epoch=bool(cfg.train.get('scan_epoch', True)),
                       cpu_dot=str(cfg.model.get('cpu_dot', 'xla')))
 
@@ -201,47 +149,118 @@ def create_partitioner(parallel_cfg) -> parallel.Partitioner:
                                 shard_items=bool(p.get('shard_items', True)))
 
 
-def place_features(partitioner: parallel.Partitioner, features: lirdrec.ItemFeatures,
-                   options: RunOptions) -> lirdrec.ItemFeatures:
-    """The features in the options' dtype and layout, split by item over the devices."""
-    laid = lirdrec.feature_layout(features, options.matmul_dtype, options.transposed_features)
-    rows = [partitioner.split_items(x, 0) for x in laid[:3]]
-    cols = [partitioner.split_items(x, 1) for x in laid[3:]]
-    return lirdrec.ItemFeatures(*rows, *cols)
+def check_point_config(cfg, n_users: int, n_items: int) -> None:
+    """Reject values that would otherwise fail late or silently (names the config field):
+    the generic sections here, the `model` section by the model's own checks."""
+    model = models.get_model(cfg.model_name)
+    metrics = [f'{m.lower()}@{k}' for m in cfg.eval.metrics for k in cfg.eval.topk]
+    g = cfg.get('graph') or {}
+    checks = [
+        (cfg.eval.valid_metric.lower() in metrics, 'eval.valid_metric',
+         f'one of the computed metrics {metrics}'),
+        (max(cfg.eval.topk) <= n_items, 'eval.topk', f'cutoffs <= n_items={n_items}'),
+        (cfg.train.batch_size >= 1, 'train.batch_size', '>= 1'),
+        (cfg.train.eval_step >= 1, 'train.eval_step', '>= 1'),
+        (cfg.model.get('cpu_dot', 'xla') in parallel.CPU_DOTS, 'model.cpu_dot',
+         f'one of {parallel.CPU_DOTS}'),
+        (g.get('spmm_impl', 'bcoo') in graph.SPMM_IMPLS, 'graph.spmm_impl',
+         f'one of {graph.SPMM_IMPLS}'),
+        (int(g.get('spmm_chunk_size', -1)) >= -1, 'graph.spmm_chunk_size',
+         '-1 (auto), 0 (one chunk) or a chunk size'),
+    ] + list(model.config_checks(cfg, n_users, n_items))
+    for ok, field, expected in checks:
+        if not ok:
+            section, name = field.split('.', 1)
+            raise ValueError(f'config field {field} = {cfg[section].get(name)!r}; expected '
+                             f'{expected}')
 
 
-def place_graphs(partitioner: parallel.Partitioner, graphs: lirdrec.Graphs,
-                 options: RunOptions) -> lirdrec.Graphs:
-    """Both graphs in the options' sparse representation, replicated on every device."""
-    return partitioner.replicate(lirdrec.Graphs(
-        *(graph.spmm_operand(g, options.spmm_impl, options.spmm_chunk_size) for g in graphs)))
+# ----------------------------------------------------------------------------------------------
+# One place for the set-up of a point
+# ----------------------------------------------------------------------------------------------
+
+class PointSetup(NamedTuple):
+    """Everything one grid point trains with (`setup_point`).
+
+    Attributes:
+      model: the registered model; net: its static description (`model.create`).
+      optimizer: Adam without the learning rate.
+      options: the run's speed options.
+      frozen_host: the point's frozen inputs before placement; frozen: placed on the devices.
+      state: the initial TrainState, replicated.
+      key: the point's PRNG key (from `train.seed`); epoch_key: the key that per-epoch inputs
+        and per-step noise are folded from.
+    """
+    model: base.Model
+    net: Any
+    optimizer: optax.GradientTransformation
+    options: RunOptions
+    frozen_host: Any
+    frozen: Any
+    state: TrainState
+    key: jax.Array
+    epoch_key: jax.Array
 
 
-def place_state(partitioner: parallel.Partitioner, state: TrainState) -> TrainState:
-    return partitioner.replicate(state)
+def setup_point(cfg, data: PreparedData, partitioner: parallel.Partitioner,
+                options: Optional[RunOptions] = None, placement=None,
+                frozen_host=None) -> PointSetup:
+    """Model, optimiser, frozen inputs, placement and initial state of one point: the one place
+    that train, sweep, bench and parity build a point from. `placement` (default: the
+    partitioner) places the frozen inputs, `frozen_host` (default: built here) is their host
+    form; a vmapped group passes both so that inputs the points share are placed once."""
+    ds = data.dataset
+    model = models.get_model(cfg.model_name)
+    options = options or run_options(cfg)
+    net = model.create(cfg.model, ds.n_users, ds.n_items, partitioner.layout_hook())
+    optimizer = optim.create_optimizer(float(cfg.optim.weight_decay))
+    key = jax.random.PRNGKey(int(cfg.train.seed))
+    init_key, epoch_key = jax.random.split(key)
+    if frozen_host is None:
+        frozen_host = model.frozen_inputs(data.model, ds, cfg.model)
+    frozen = model.place_frozen(frozen_host, placement or partitioner, options)
+    params, carry = model.init(init_key, net, frozen, frozen_host)
+    state = partitioner.replicate(TrainState(params, optimizer.init(params), carry))
+    return PointSetup(model, net, optimizer, options, frozen_host, frozen, state, key, epoch_key)
 
 
-def place_batches(partitioner: parallel.Partitioner, batches: sampling.EpochBatches) -> Batch:
-    """An epoch's (n_batches, batch) host arrays on the devices, each batch split over them
-    (zero-weight padding rows up to a multiple of the device count: the loss is unchanged)."""
-    return Batch(*(partitioner.split(a, axis=a.ndim - 1) for a in batches))
+def place_epoch_inputs(partitioner: parallel.Partitioner, epoch_inputs, options: RunOptions):
+    """Per-epoch inputs in the run's sparse representation, replicated on every device."""
+    if epoch_inputs is None:
+        return None
+    return partitioner.replicate(graph.to_operands(epoch_inputs, options.spmm_impl,
+                                                   options.spmm_chunk_size))
+
+
+def place_batches(partitioner: parallel.Partitioner, batches, axis: int = -1):
+    """An epoch's host batch arrays on the devices, each batch split over them along its row
+    axis (`axis`; zero-weight padding rows up to a multiple of the device count: the loss is
+    unchanged)."""
+    return type(batches)(*(partitioner.split(a, axis=a.ndim + axis if axis < 0 else axis)
+                           for a in batches))
+
+
+def epoch_scalars(model: base.Model, cfg, host: dict, epoch: int) -> tuple:
+    """(host, scalars) of `epoch` (0-based): the model's schedule and the learning rate."""
+    host, scalars = model.epoch_schedule(cfg.model, host, epoch)
+    o = cfg.optim
+    lr = optim.learning_rate_at(epoch, float(o.learning_rate), float(o.lr_decay_factor),
+                                float(o.lr_decay_epochs))
+    return host, {**scalars, 'learning_rate': lr}
+
+
+def device_scalars(scalars: dict) -> dict:
+    return {k: jnp.float32(v) for k, v in scalars.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------------------------
 
-def make_loss_fn(model):
-    """`loss_fn(params, batch, features, graphs, scalars) -> (loss, (users, items, attention))`."""
-
-    def loss_fn(params, batch: Batch, features, graphs, scalars: StepScalars):
-        users, items, attention = model.apply({'params': params}, features, graphs,
-                                              scalars.w1, scalars.w2)
-        ranking = losses.bpr_loss(users[batch.users], items[batch.positives],
-                                  items[batch.negatives], batch.weights)
-        loss = ranking + scalars.reg_weight * losses.embedding_l2(users, items)
-        return loss, (users, items, attention)
-
+def make_loss_fn(model: base.Model, net) -> Callable:
+    """`loss_fn(params, carry, batch, frozen, epoch_inputs, scalars, rng) -> (loss, carry)`."""
+    def loss_fn(params, carry, batch, frozen, epoch_inputs, scalars, rng):
+        return model.loss(net, params, carry, batch, frozen, epoch_inputs, scalars, rng)
     return loss_fn
 
 
@@ -252,69 +271,79 @@ def apply_gradients(optimizer, params, opt_state, grads, learning_rate) -> tuple
     return optax.apply_updates(params, updates), opt_state
 
 
-def train_step_fn(model, optimizer) -> Callable:
-    """The pure (not jitted) `train_step(state, batch, features, graphs, scalars) -> (state, loss)`."""
-    loss_fn = make_loss_fn(model)
+def train_step_fn(model: base.Model, net, optimizer) -> Callable:
+    """The pure `train_step(state, batch, frozen, epoch_inputs, scalars, key, index) ->
+    (state, loss)`; the step's noise key is `key` folded with the batch `index`."""
+    loss_fn = make_loss_fn(model, net)
 
-    def train_step(state: TrainState, batch: Batch, features, graphs, scalars: StepScalars):
-        (loss, (users, items, attention)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, features, graphs, scalars)
+    def train_step(state: TrainState, batch, frozen, epoch_inputs, scalars, key, index):
+        rng = jax.random.fold_in(key, index)
+        (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.carry, batch, frozen, epoch_inputs, scalars, rng)
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads,
-                                            scalars.learning_rate)
-        return TrainState(params, opt_state, attention, users, items), loss
+                                            scalars['learning_rate'])
+        return TrainState(params, opt_state, carry), loss
 
     return train_step
 
 
-def make_train_step(model, optimizer, partitioner: Optional[parallel.Partitioner] = None,
-                    compiler_options: Optional[dict] = None):
-    """Returns the jitted `train_step(state, batch, features, graphs, scalars) -> (state, loss)`.
-
-    The step is a pure function of its arguments. With a partitioner its inputs keep the
-    shardings they were placed with (`place_*`) and its outputs are replicated; without one it
-    runs on the default device. `compiler_options`: `RunOptions.compiler_options`.
-    """
-    step = train_step_fn(model, optimizer)
-    if partitioner is None:
-        return jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
-    return partitioner.jit(step, donate_argnums=0, compiler_options=compiler_options)
+def _masked(fn: Callable) -> Callable:
+    """fn(state, *args) -> (state, aux) that keeps `state` where `active` is False."""
+    def masked(state, *args_and_active):
+        *args, active = args_and_active
+        new, aux = fn(state, *args)
+        return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), aux
+    return masked
 
 
-def make_train_epoch(model, optimizer, partitioner: parallel.Partitioner,
-                     compiler_options: Optional[dict] = None):
-    """Returns the jitted `train_epoch(state, batches, features, graphs, scalars) ->
-    (state, (n_batches,) losses)`: all batches of an epoch in one `lax.scan` on the devices."""
-    step = train_step_fn(model, optimizer)
-
-    def train_epoch(state: TrainState, batches: Batch, features, graphs, scalars):
-        # The steps never read the incoming attention (each overwrites it); starting the carry
-        # from zeros leaves the input unused, so a state whose theta and attention are one
-        # buffer (after the epoch-start overwrite) is not donated twice.
-        state = state._replace(attention=jnp.zeros_like(state.attention))
-        return jax.lax.scan(lambda s, b: step(s, b, features, graphs, scalars), state, batches)
-
-    return partitioner.jit(train_epoch, donate_argnums=0, compiler_options=compiler_options)
+class EpochFns(NamedTuple):
+    """The compiled pieces of a group's epoch (`make_epoch_fns`). Every function takes the
+    group's `active` mask last (ignored for a single point)."""
+    start_epoch: Callable    # (state, active) -> state
+    step: Callable           # (state, batch, frozen, epoch_inputs, scalars, key, index, active)
+    epoch: Callable          # (state, batches, frozen, epoch_inputs, scalars, key, active)
+    eval_embeddings: Callable  # (params, carry, frozen, epoch_inputs, scalars) -> (users, items)
 
 
-def make_forward(model, partitioner: Optional[parallel.Partitioner] = None):
-    def forward(params, features, graphs, w1, w2):
-        return model.apply({'params': params}, features, graphs, w1, w2)
-    return jax.jit(forward) if partitioner is None else partitioner.jit(forward)
+def make_epoch_fns(setup: PointSetup, partitioner: parallel.Partitioner, eval_mode: str,
+                   axes: Optional[tuple] = None) -> EpochFns:
+    """The jitted start-of-epoch, step, scanned epoch and evaluation embeddings of one point,
+    or (`axes` = (frozen axes, epoch-input axes)) of a vmapped group of points whose states,
+    batches, scalars and keys have a leading point axis."""
+    model, net, options = setup.model, setup.net, setup.options
+    step = train_step_fn(model, net, setup.optimizer)
 
+    def start(state: TrainState) -> TrainState:
+        params, carry = model.start_epoch(state.params, state.carry)
+        return state._replace(params=params, carry=carry)
 
-def epoch_graphs(data: PreparedData, item_graph, dropout: float, key: jax.Array,
-                 n_users: int, n_items: int) -> lirdrec.Graphs:
-    """The user-item graph of one epoch: the full normalised adjacency, or a dropout sample."""
-    if dropout <= 0.0:
-        return lirdrec.Graphs(data.norm_adj, item_graph)
-    keep = int(data.edges.users.shape[0] * (1.0 - dropout))
-    return lirdrec.Graphs(graph.edge_dropout_adjacency(key, data.edges, keep, n_users, n_items),
-                          item_graph)
+    if axes is None:
+        point_step = lambda s, b, f, e, sc, k, i, active: step(s, b, f, e, sc, k, i)
+        point_start = lambda s, active: start(s)
+    else:
+        frozen_axes, epoch_axes = axes
+        point_step = jax.vmap(_masked(step), in_axes=(0, 0, frozen_axes, epoch_axes, 0, 0,
+                                                     None, 0))
+        point_start = jax.vmap(lambda s, active: _masked(lambda x: (start(x), ()))(s, active)[0])
 
+    def epoch(state, batches, frozen, epoch_inputs, scalars, key, active):
+        n = jax.tree.leaves(batches)[0].shape[0]
 
-def with_theta(params, theta):
-    """params with the PWC table replaced (a new dict; nothing is mutated)."""
-    return {**params, 'fusion': {**params['fusion'], 'theta': theta}}
+        def body(s, xs):
+            b, i = xs
+            return point_step(s, b, frozen, epoch_inputs, scalars, key, i, active)
+
+        return jax.lax.scan(body, state, (batches, jnp.arange(n)))
+
+    def embeddings(params, carry, frozen, epoch_inputs, scalars):
+        return model.eval_embeddings(net, params, carry, frozen, epoch_inputs, scalars,
+                                     eval_mode)
+
+    copts = options.compiler_options
+    return EpochFns(partitioner.jit(point_start, donate_argnums=0),
+                    partitioner.jit(point_step, donate_argnums=0, compiler_options=copts),
+                    partitioner.jit(epoch, donate_argnums=0, compiler_options=copts),
+                    partitioner.jit(embeddings))
 
 
 def summed_loss(step_losses: np.ndarray, epoch: int) -> float:
@@ -326,40 +355,31 @@ def summed_loss(step_losses: np.ndarray, epoch: int) -> float:
     return float(step_losses.sum())
 
 
-def run_epoch(train_step, state: TrainState, batches: sampling.EpochBatches, features,
-              graphs, scalars: StepScalars, epoch: int,
-              partitioner: Optional[parallel.Partitioner] = None) -> tuple:
-    """All batches of one epoch, one dispatch per batch. Returns (state, summed loss); raises
-    TrainingDiverged. With a partitioner, batches are split over its devices."""
-    n_batches = batches.users.shape[0]
+def run_epoch(fns: EpochFns, state: TrainState, batches, frozen, epoch_inputs, scalars, key,
+              active, epoch: int, partitioner: parallel.Partitioner, scan: bool,
+              batch_axis: int = -1) -> tuple:
+    """All batches of one epoch (placed here), in one compiled scan or one dispatch per batch
+    (with progress lines). Returns (state, (n_batches, ...) host losses)."""
+    on_device = place_batches(partitioner, batches, batch_axis)
+    if scan:
+        state, losses = fns.epoch(state, on_device, frozen, epoch_inputs, scalars, key, active)
+        return state, partitioner.to_host(losses)
+    n_batches = jax.tree.leaves(batches)[0].shape[0]
     progress = reporting.BatchProgress(epoch, n_batches)
-    if partitioner is not None:
-        on_device = place_batches(partitioner, batches)
-        batch_at = lambda b: Batch(*(a[b] for a in on_device))
-    else:
-        batch_at = lambda b: Batch(*(jnp.asarray(a[b]) for a in batches))
     step_losses = []
     for b in range(n_batches):
-        state, loss = train_step(state, batch_at(b), features, graphs, scalars)
+        batch = type(on_device)(*(a[b] for a in on_device))
+        state, loss = fns.step(state, batch, frozen, epoch_inputs, scalars, key, jnp.int32(b),
+                               active)
         step_losses.append(loss)
         if progress.should_report(b):
             loss.block_until_ready()
             progress.report(b)
-    to_host = np.asarray if partitioner is None else partitioner.to_host
-    return state, summed_loss(to_host(jnp.stack(step_losses)), epoch)
-
-
-def run_epoch_scanned(train_epoch, state: TrainState, batches: sampling.EpochBatches, features,
-                      graphs, scalars: StepScalars, epoch: int,
-                      partitioner: parallel.Partitioner) -> tuple:
-    """`run_epoch` as one compiled scan over the epoch's batches (`make_train_epoch`)."""
-    state, step_losses = train_epoch(state, place_batches(partitioner, batches), features,
-                                     graphs, scalars)
-    return state, summed_loss(partitioner.to_host(step_losses), epoch)
+    return state, partitioner.to_host(jnp.stack(step_losses))
 
 
 # ----------------------------------------------------------------------------------------------
-# Epoch bookkeeping (shared with sweep.py)
+# Epoch bookkeeping
 # ----------------------------------------------------------------------------------------------
 
 def early_stopping(progress: Progress, score: float, stopping_step: int) -> tuple:
@@ -372,22 +392,8 @@ def early_stopping(progress: Progress, score: float, stopping_step: int) -> tupl
     return False, progress.stale_evaluations > stopping_step
 
 
-def epoch_schedule(progress: Progress, m, o, epoch: int) -> tuple:
-    """(w1, w2, learning rate) of `epoch` (0-based): the PWC schedule applied at the start of
-    the epoch (the reference's pre_epoch_processing) and the learning-rate schedule."""
-    w1, w2 = lirdrec.pwc_weights_for_epoch(progress.w1, progress.w2, epoch + 1,
-                                           float(m.decay_base))
-    lr = optim.learning_rate_at(epoch, float(o.learning_rate), float(o.lr_decay_factor),
-                                float(o.lr_decay_epochs))
-    return w1, w2, lr
-
-
-def step_scalars(w1: float, w2: float, lr: float, reg_weight: float) -> StepScalars:
-    return StepScalars(*(jnp.float32(v) for v in (w1, w2, lr, reg_weight)))
-
-
 def evaluate_splits(user_emb, item_emb, data: PreparedData, e,
-                    partitioner: Optional[parallel.Partitioner]) -> tuple:
+                    partitioner: parallel.Partitioner) -> tuple:
     """(valid, test) metric dicts of one pair of embeddings (one shared ranking of their
     users: both splits mask the same training items, see `evaluation.SharedRanking`)."""
     ks, metrics = tuple(e.topk), tuple(m_.lower() for m_ in e.metrics)
@@ -421,16 +427,15 @@ class PointFiles:
         self.checkpoints.close()
 
 
-def record_epoch(progress: Progress, cfg, epoch: int, schedule: tuple, loss: float,
+def record_epoch(progress: Progress, cfg, epoch: int, learning_rate: float, loss: float,
                  train_seconds: float, evaluate: Callable[[], tuple], files: PointFiles) -> tuple:
-    """Everything after an epoch's training: PWC bookkeeping, evaluation on eval epochs, early
-    stopping, the progress line. Returns (record, improved)."""
+    """Everything after an epoch's training: evaluation on eval epochs, early stopping, the
+    progress line. The record holds the model's host state (e.g. PWC weights). Returns
+    (record, improved)."""
     t, metric = cfg.train, cfg.eval.valid_metric.lower()
-    w1, w2, lr = schedule
-    progress.w1, progress.w2 = w1, w2
     progress.epochs_done = epoch + 1
-    record = {'epoch': epoch, 'loss': loss, 'learning_rate': lr, 'w1': w1, 'w2': w2,
-              'train_seconds': train_seconds}
+    record = {'epoch': epoch, 'loss': loss, 'learning_rate': learning_rate,
+              **progress.model_state, 'train_seconds': train_seconds}
     improved = False
     if (epoch + 1) % int(t.eval_step) == 0:
         t1 = time.perf_counter()
@@ -461,136 +466,304 @@ def point_result(progress: Progress, epochs: int) -> dict:
             'best_test': progress.best_test, 'history': progress.history}
 
 
-def _state_to_save(state: TrainState, key: jax.Array,
-                   partitioner: Optional[parallel.Partitioner] = None) -> dict:
-    """The arrays of a checkpoint; with a partitioner the key data are placed like the state."""
-    rng = jax.random.key_data(key)
-    return {'params': state.params, 'opt_state': state.opt_state, 'attention': state.attention,
-            'rng': rng if partitioner is None else partitioner.replicate(rng)}
-
-
-EVAL_EMBEDDINGS = ('last_batch', 'fresh')
-
-
-def check_point_config(cfg, n_items: int) -> None:
-    """Reject values that would otherwise fail late or silently (names the config field)."""
-    metrics = [f'{m.lower()}@{k}' for m in cfg.eval.metrics for k in cfg.eval.topk]
-    g = cfg.get('graph') or {}
-    checks = [
-        (cfg.eval.embeddings in EVAL_EMBEDDINGS, 'eval.embeddings',
-         f'one of {EVAL_EMBEDDINGS}'),
-        (cfg.eval.valid_metric.lower() in metrics, 'eval.valid_metric',
-         f'one of the computed metrics {metrics}'),
-        (max(cfg.eval.topk) <= n_items, 'eval.topk', f'cutoffs <= n_items={n_items}'),
-        (0.0 <= cfg.model.dropout < 1.0, 'model.dropout', 'in [0, 1)'),
-        (1 <= cfg.model.knn_k <= n_items, 'model.knn_k', f'in [1, n_items={n_items}]'),
-        (0.0 <= cfg.model.mm_image_weight <= 1.0, 'model.mm_image_weight', 'in [0, 1]'),
-        (0.0 <= cfg.model.decay_weight <= 1.0, 'model.decay_weight', 'in [0, 1]'),
-        (cfg.train.batch_size >= 1, 'train.batch_size', '>= 1'),
-        (cfg.train.eval_step >= 1, 'train.eval_step', '>= 1'),
-        (cfg.model.n_ui_layers >= 0 and cfg.model.n_mm_layers >= 0, 'model.n_*_layers', '>= 0'),
-        (cfg.model.get('matmul_dtype', 'float32') in MATMUL_DTYPES, 'model.matmul_dtype',
-         f'one of {MATMUL_DTYPES}'),
-        (cfg.model.get('cpu_dot', 'xla') in parallel.CPU_DOTS, 'model.cpu_dot',
-         f'one of {parallel.CPU_DOTS}'),
-        (not (cfg.model.get('cpu_dot', 'xla') == 'eigen'
-              and cfg.model.get('matmul_dtype', 'float32') == 'bfloat16'), 'model.cpu_dot',
-         "'xla' with model.matmul_dtype='bfloat16' (Eigen has no fast bfloat16 GEMM: the "
-         "towers ran 3.5x slower)"),
-        (g.get('spmm_impl', 'bcoo') in graph.SPMM_IMPLS, 'graph.spmm_impl',
-         f'one of {graph.SPMM_IMPLS}'),
-        (int(g.get('spmm_chunk_size', -1)) >= -1, 'graph.spmm_chunk_size',
-         '-1 (auto), 0 (one chunk) or a chunk size'),
-    ]
-    for ok, field, expected in checks:
-        if not ok:
-            section, name = field.split('.', 1)
-            raise ValueError(f'config field {field} = {cfg[section].get(name)!r}; expected '
-                             f'{expected}')
+def state_to_save(state: TrainState, key: jax.Array, partitioner: parallel.Partitioner) -> dict:
+    """The arrays of a checkpoint (the key data placed like the state)."""
+    return {'params': state.params, 'opt_state': state.opt_state, 'carry': state.carry,
+            'rng': partitioner.replicate(jax.random.key_data(key))}
 
 
 # ----------------------------------------------------------------------------------------------
-# One point
+# A group of points (one point: a plain run)
 # ----------------------------------------------------------------------------------------------
+
+def _same(leaves) -> bool:
+    first = leaves[0]
+    return all(x is first for x in leaves) or all(
+        np.shape(x) == np.shape(first) and np.asarray(x).dtype == np.asarray(first).dtype
+        and np.array_equal(np.asarray(x), np.asarray(first)) for x in leaves[1:])
+
+
+def stack_or_share(trees: Sequence):
+    """One pytree from per-point pytrees of the same structure: leaves equal in every point are
+    shared (vmap axis None), the others stacked on a new leading axis (vmap axis 0).
+
+    Returns:
+      (tree, axes): the tree and a matching pytree of vmap in_axes.
+    """
+    leaves, treedefs = zip(*(jax.tree.flatten(t) for t in trees))
+    if any(t != treedefs[0] for t in treedefs[1:]):
+        raise ValueError('the points of a vmapped group have inputs of different structure; '
+                         'use --config.sweep.mode=sequential')
+    merged, axes = [], []
+    for per_point in zip(*leaves):
+        if _same(per_point):
+            merged.append(per_point[0])
+            axes.append(None)
+        else:
+            if len({np.shape(x) for x in per_point}) > 1:
+                raise ValueError('the points of a vmapped group have inputs of different '
+                                 'shapes; use --config.sweep.mode=sequential')
+            merged.append(jnp.stack([jnp.asarray(x) for x in per_point]))
+            axes.append(0)
+    return treedefs[0].unflatten(merged), treedefs[0].unflatten(axes)
+
+
+def take(tree, index, axes=None):
+    """The points `index` (an int or an index array) of a stacked tree; shared leaves kept."""
+    if axes is None:
+        return jax.tree.map(lambda x: x[index], tree)
+    return jax.tree.map(lambda x, a: x if a is None else x[index], tree, axes,
+                        is_leaf=lambda x: x is None)
+
+
+class _MemoPlacement:
+    """The partitioner's placement calls, memoised on the identity of the host value: inputs
+    that the points of a group share (the same feature arrays) are placed once."""
+
+    def __init__(self, partitioner: parallel.Partitioner):
+        self._p, self._memo = partitioner, {}
+
+    def _once(self, value, how: tuple, place: Callable):
+        key = (id(value),) + how
+        if key not in self._memo:
+            self._memo[key] = (value, place())  # keeps `value` alive, so its id stays unique
+        return self._memo[key][1]
+
+    def split_items(self, value, axis: int):
+        return None if value is None else self._once(
+            value, ('items', axis), lambda: self._p.split_items(value, axis))
+
+    def split(self, value, axis: int, fill=0):
+        return self._once(value, ('split', axis, fill), lambda: self._p.split(value, axis, fill))
+
+    def replicate(self, tree):
+        return jax.tree.map(lambda x: self._once(x, ('rep',), lambda: self._p.replicate(x)), tree)
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+
+def _share_equal_leaves(trees: list) -> list:
+    """Host trees where every leaf equal to the first tree's leaf is that same object (so that
+    memoised placement shares it)."""
+    first, treedef = jax.tree.flatten(trees[0])
+    out = [trees[0]]
+    for tree in trees[1:]:
+        leaves, other = jax.tree.flatten(tree)
+        if other != treedef:
+            out.append(tree)
+            continue
+        out.append(treedef.unflatten([a if _same([a, b]) else b
+                                      for a, b in zip(first, leaves)]))
+    return out
+
+
+class _Point:
+    """Host-side state of one point of a group."""
+
+    def __init__(self, cfg, setup: PointSetup, workdir: Path, label: str, primary: bool):
+        self.cfg, self.setup, self.label = cfg, setup, label
+        self.progress = Progress(epochs_done=0, model_state=setup.model.host_init(cfg.model))
+        self.files = PointFiles(workdir, int(cfg.checkpoint.keep_last), primary,
+                                label=f'[{label}] ' if label else '')
+        self.diverged: Optional[str] = None
+        self.learning_rate = 0.0
+
+    @property
+    def active(self) -> bool:
+        p = self.progress
+        return (self.diverged is None and not p.stopped_early
+                and p.epochs_done < int(self.cfg.train.epochs))
+
+    def result(self) -> dict:
+        if self.diverged is not None:
+            return {'finished': True, 'diverged': self.diverged, 'best_epoch': -1,
+                    'best_valid': None, 'best_test': None, 'history': []}
+        return point_result(self.progress, self.cfg.train.epochs)
+
+
+def _setup_points(cfgs, data, partitioner, vmapped: bool) -> List[PointSetup]:
+    """Each point's set-up; in a vmapped group, inputs equal across points are placed once."""
+    if not vmapped:
+        return [setup_point(cfgs[0], data, partitioner)]
+    options = run_options(cfgs[0]).for_vmap()
+    model = models.get_model(cfgs[0].model_name)
+    hosts = _share_equal_leaves([model.frozen_inputs(data.model, data.dataset, c.model)
+                                 for c in cfgs])
+    placement = _MemoPlacement(partitioner)
+    return [setup_point(cfg, data, partitioner, options, placement, frozen_host=host)
+            for cfg, host in zip(cfgs, hosts)]
+
+
+def train_points(cfgs: Sequence, data: PreparedData, workdirs: Sequence[Path], *,
+                 resume: bool = False, stop_after_epochs: Optional[int] = None,
+                 partitioner: Optional[parallel.Partitioner] = None,
+                 labels: Optional[Sequence[str]] = None) -> List[dict]:
+    """Train the points `cfgs` side by side (one point: a plain run); one result dict per point.
+
+    A point that diverges (NaN or Inf loss) stops, and its result says 'diverged' with the
+    epoch and batch. Several points must share `sweep.static_signature` (sweep.py groups them).
+
+    Args:
+      cfgs: the points' configs (scalar fields: `model`, `optim`, `train`, `eval`,
+        `checkpoint`, optionally `graph`, `parallel`).
+      data: shared dataset-derived inputs (`prepare_data`).
+      workdirs: one directory per point (checkpoints, metrics.jsonl).
+      resume: continue each point from its latest checkpoint if it has one.
+      stop_after_epochs: stop (as if interrupted) after this many epochs of this call.
+      partitioner: the devices; by default built from the first config's `parallel` section.
+      labels: prefixes for each point's progress lines.
+    """
+    ds = data.dataset
+    vmapped = len(cfgs) > 1
+    for c in cfgs:
+        check_point_config(c, ds.n_users, ds.n_items)
+    partitioner = partitioner or create_partitioner(cfgs[0].get('parallel'))
+    setups = _setup_points(cfgs, data, partitioner, vmapped)
+    labels = labels or [''] * len(cfgs)
+    points = [_Point(c, s, Path(w), l, partitioner.is_primary)
+              for c, s, w, l in zip(cfgs, setups, workdirs, labels)]
+    for p in points:
+        if resume and p.files.checkpoints.latest_epoch() is not None:
+            s = p.setup
+            saved, saved_progress = p.files.checkpoints.restore(
+                state_to_save(s.state, s.key, partitioner))
+            p.setup = s._replace(state=TrainState(saved['params'], saved['opt_state'],
+                                                  saved['carry']))
+            p.progress = Progress(**saved_progress)
+            p.files.log(f'resumed from {p.files.checkpoints.directory} after epoch '
+                        f'{p.progress.epochs_done - 1}')
+    slots = [i for i, p in enumerate(points) if p.active]
+    if slots:
+        _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped)
+    for p in points:
+        p.files.close()
+    return [p.result() for p in points]
+
+
+def _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped) -> None:
+    """Epoch rounds: every active point advances one epoch per round."""
+    s0, c0 = points[0].setup, points[0].cfg
+    model, options = s0.model, s0.options
+    eval_mode = str(c0.eval.get('embeddings', 'last_batch'))
+    if vmapped:
+        state = partitioner.replicate(jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                   *[points[i].setup.state for i in slots]))
+    else:
+        state = s0.state
+    for i in slots:
+        points[i].setup = points[i].setup._replace(state=None)  # the group state holds it now
+    frozen_of = {}  # per tuple of slots: (frozen, frozen axes)
+    fns_of = {}     # per (slots, epoch-input axes): EpochFns
+
+    rounds = 0
+    while slots:
+        if stop_after_epochs is not None and rounds >= stop_after_epochs:
+            break
+        t0 = time.perf_counter()
+        epoch = points[slots[0]].progress.epochs_done
+        scalars, batches, epoch_inputs, keys = [], [], [], []
+        for i in slots:
+            p = points[i]
+            e = p.progress.epochs_done
+            p.progress.model_state, sc = epoch_scalars(model, p.cfg, p.progress.model_state, e)
+            p.learning_rate = sc['learning_rate']
+            scalars.append(sc)
+            keys.append(jax.random.fold_in(p.setup.epoch_key, e))
+            batches.append(sampling.batch_kind(model.batch_kind).draw(
+                sampling.epoch_rng(int(p.cfg.train.seed), e), data.sampler,
+                int(p.cfg.train.batch_size)))
+            epoch_inputs.append(place_epoch_inputs(
+                partitioner, model.epoch_inputs(data.model, p.cfg.model, keys[-1], e), options))
+        if not vmapped:
+            frozen, frozen_axes, ei, ei_axes = s0.frozen, None, epoch_inputs[0], None
+            sc = partitioner.replicate(device_scalars(scalars[0]))
+            key, active, stacked = partitioner.replicate(keys[0]), None, batches[0]
+            if None not in fns_of:
+                fns_of[None] = make_epoch_fns(s0, partitioner, eval_mode)
+            fns = fns_of[None]
+        else:
+            if tuple(slots) not in frozen_of:
+                frozen, axes = stack_or_share([points[i].setup.frozen for i in slots])
+                frozen_of[tuple(slots)] = (_replicate_stacked(partitioner, frozen, axes), axes)
+            frozen, frozen_axes = frozen_of[tuple(slots)]
+            ei, ei_axes = stack_or_share(epoch_inputs)
+            ei = _replicate_stacked(partitioner, ei, ei_axes)
+            fns_key = (tuple(slots), str(ei_axes))
+            if fns_key not in fns_of:
+                fns_of[fns_key] = make_epoch_fns(s0, partitioner, eval_mode,
+                                                 (frozen_axes, ei_axes))
+            fns = fns_of[fns_key]
+            sc = partitioner.replicate({k: jnp.asarray(np.array([s[k] for s in scalars],
+                                                                np.float64), jnp.float32)
+                                        for k in scalars[0]})
+            key = partitioner.replicate(jnp.stack(keys))
+            active = partitioner.replicate(jnp.asarray([points[i].active for i in slots]))
+            # (n_batches, points, batch): the scan runs over batches, vmap over points.
+            stacked = type(batches[0])(*(np.stack(a, axis=1) for a in zip(*batches)))
+        state = fns.start_epoch(state, active)
+        state, step_losses = run_epoch(fns, state, stacked, frozen, ei, sc, key, active, epoch,
+                                       partitioner, options.scan_epoch)
+        train_seconds = time.perf_counter() - t0
+        for slot, i in enumerate(slots):
+            if vmapped:
+                view = (take(state, slot), take(frozen, slot, frozen_axes),
+                        take(ei, slot, ei_axes), take(sc, slot), step_losses[:, slot])
+            else:
+                view = (state, frozen, ei, sc, step_losses)
+            _end_point_epoch(points[i], view, fns, train_seconds, data, partitioner)
+        rounds += 1
+        still = [slot for slot, i in enumerate(slots) if points[i].active]
+        if not still:
+            slots = []
+        elif vmapped and len(still) <= len(slots) // 2:
+            # Compact: drop finished points from the stacked state (one recompilation).
+            state = partitioner.replicate(take(state, np.array(still)))
+            slots = [slots[slot] for slot in still]
+
+
+def _replicate_stacked(partitioner, tree, axes):
+    """The stacked leaves of a `stack_or_share` tree replicated (shared ones keep their
+    placement)."""
+    if tree is None:
+        return None
+    return jax.tree.map(lambda x, a: x if a is None else partitioner.replicate(x), tree, axes,
+                        is_leaf=lambda x: x is None)
+
+
+def _end_point_epoch(p: _Point, view: tuple, fns: EpochFns, train_seconds: float,
+                     data: PreparedData, partitioner) -> None:
+    """One point's bookkeeping after a round: loss, evaluation, early stopping, files."""
+    state, frozen, epoch_inputs, scalars, losses = view
+    cfg, epoch = p.cfg, p.progress.epochs_done
+    if not p.active:
+        return
+    try:
+        loss = summed_loss(np.asarray(losses), epoch)
+    except TrainingDiverged as err:
+        p.diverged = str(err)
+        p.files.log(f'diverged: {err}')
+        return
+
+    def evaluate():
+        users, items = fns.eval_embeddings(state.params, state.carry, frozen, epoch_inputs,
+                                           scalars)
+        return evaluate_splits(users, items, data, cfg.eval, partitioner)
+
+    record, improved = record_epoch(p.progress, cfg, epoch, p.learning_rate, loss,
+                                    train_seconds, evaluate, p.files)
+    p.files.end_epoch(p.progress, record, state_to_save(state, p.setup.key, partitioner),
+                      improved)
+    log_stop(p.progress, cfg, p.files)
+
 
 def train_and_evaluate(cfg, data: PreparedData, workdir: Path, *, resume: bool = False,
                        stop_after_epochs: Optional[int] = None,
                        partitioner: Optional[parallel.Partitioner] = None) -> dict:
-    """Train one grid point to early stopping; returns its result dict.
-
-    Args:
-      cfg: the point's config (scalar fields: `model`, `optim`, `train`, `eval`, `checkpoint`,
-        and optionally `graph`, `parallel`).
-      data: shared dataset-derived inputs (`prepare_data`).
-      workdir: this point's directory (checkpoints, metrics.jsonl).
-      resume: continue from the latest checkpoint in `workdir` if there is one.
-      stop_after_epochs: stop (as if interrupted) after this many epochs of this call; used to
-        test resumption.
-      partitioner: the devices to use; by default built from `cfg.parallel`.
-    """
-    ds = data.dataset
-    m, o, t, e = cfg.model, cfg.optim, cfg.train, cfg.eval
-    check_point_config(cfg, ds.n_items)
-    partitioner = partitioner or create_partitioner(cfg.get('parallel'))
-    options = run_options(cfg)
-    model = create_model(m, ds.n_users, ds.n_items, partitioner)
-    optimizer = optim.create_optimizer(float(o.weight_decay))
-    item_graph = create_item_graph(data, int(m.knn_k), float(m.mm_image_weight))
-    key = jax.random.PRNGKey(int(t.seed))
-    init_key, dropout_key = jax.random.split(key)
-    features = place_features(partitioner, data.features, options)
-    graphs0 = place_graphs(partitioner, lirdrec.Graphs(data.norm_adj, item_graph), options)
-    state = place_state(partitioner, create_train_state(init_key, model, optimizer, features,
-                                                         graphs0))
-    progress = Progress(epochs_done=0, w1=float(m.decay_weight), w2=1.0 - float(m.decay_weight))
-
-    files = PointFiles(workdir, int(cfg.checkpoint.keep_last), partitioner.is_primary)
-    if resume and files.checkpoints.latest_epoch() is not None:
-        saved, saved_progress = files.checkpoints.restore(_state_to_save(state, key, partitioner))
-        state = state._replace(params=saved['params'], opt_state=saved['opt_state'],
-                               attention=saved['attention'])
-        progress = Progress(**saved_progress)
-        files.log(f'resumed from {files.checkpoints.directory} after epoch '
-                  f'{progress.epochs_done - 1}')
-
-    if options.scan_epoch:
-        train_epoch = make_train_epoch(model, optimizer, partitioner, options.compiler_options)
-        run = functools.partial(run_epoch_scanned, train_epoch, partitioner=partitioner)
-    else:
-        train_step = make_train_step(model, optimizer, partitioner, options.compiler_options)
-        run = functools.partial(run_epoch, train_step, partitioner=partitioner)
-    forward = make_forward(model, partitioner) if e.embeddings == 'fresh' else None
-    epochs_this_call = 0
-    while progress.epochs_done < int(t.epochs) and not progress.stopped_early:
-        epoch = progress.epochs_done  # 0-based, as the reference logs it
-        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-            break
-        t0 = time.perf_counter()
-        # Start of epoch (the reference's pre_epoch_processing): PWC schedule and theta reset.
-        schedule = epoch_schedule(progress, m, o, epoch)
-        state = state._replace(params=with_theta(state.params, state.attention))
-        graphs = graphs0 if float(m.dropout) <= 0 else place_graphs(
-            partitioner, epoch_graphs(data, item_graph, float(m.dropout),
-                                      jax.random.fold_in(dropout_key, epoch), ds.n_users,
-                                      ds.n_items), options)
-        scalars = step_scalars(*schedule[:3], float(m.reg_weight))
-        batches = sampling.epoch_batches(sampling.epoch_rng(int(t.seed), epoch), data.sampler,
-                                         int(t.batch_size))
-        state, loss = run(state, batches, features, graphs, scalars, epoch)
-        train_seconds = time.perf_counter() - t0
-
-        def evaluate():
-            if forward is None:
-                user_emb, item_emb = state.user_emb, state.item_emb
-            else:
-                user_emb, item_emb, _ = forward(state.params, features, graphs, scalars.w1,
-                                                scalars.w2)
-            return evaluate_splits(user_emb, item_emb, data, e, partitioner)
-
-        record, improved = record_epoch(progress, cfg, epoch, schedule, loss, train_seconds,
-                                        evaluate, files)
-        files.end_epoch(progress, record, _state_to_save(state, key, partitioner), improved)
-        epochs_this_call += 1
-        log_stop(progress, cfg, files)
-    files.close()
-    return point_result(progress, t.epochs)
+    """Train one grid point to early stopping; returns its result dict (`train_points`).
+    Raises TrainingDiverged if the loss becomes NaN or Inf."""
+    result = train_points([cfg], data, [workdir], resume=resume,
+                          stop_after_epochs=stop_after_epochs, partitioner=partitioner)[0]
+    if result.get('diverged'):
+        raise TrainingDiverged(result['diverged'])
+    return result

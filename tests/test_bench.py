@@ -5,11 +5,13 @@ import sys
 
 import pytest
 
-from lirdrec_jax import bench
+from lirdrec_jax import bench, synthetic
 
 
 def test_synthetic_dataset_has_the_requested_counts():
-    ds = bench.synthetic_dataset(300, 120, 2000, image_dim=16, text_dim=8)
+    # bench.synthetic_dataset is this call (more in tests/test_synthetic.py).
+    ds = synthetic.to_dataset(synthetic.generate_exact_counts(300, 120, 2000, image_dim=16,
+                                                              text_dim=8), 'bench')
     total = sum(s.users.size for s in (ds.train, ds.valid, ds.test))
     assert (ds.n_users, ds.n_items, total) == (300, 120, 2000)
     assert ds.image_feat.shape == (120, 16) and (ds.image_feat >= 0).all()
@@ -35,10 +37,10 @@ def test_bench_command_reports_every_quantity(tmp_path, capsys):
 
 
 def test_reference_hook_without_the_parity_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, 'lirdrec_jax.parity.reference', None)
+    monkeypatch.setitem(sys.modules, 'lirdrec_jax.parity.lirdrec', None)
     args = bench.parse_args(['--reference', '/nowhere'])
-    with pytest.raises(SystemExit, match='run_reference_benchmark'):
-        bench._reference(args, None)
+    with pytest.raises(SystemExit, match='lirdrec_jax.parity.lirdrec.run_reference_benchmark'):
+        bench._reference(args, None, bench.bench_config(args))
 
 
 def test_fast_flag_gives_the_fast_config_variant():

@@ -1,4 +1,5 @@
-"""Tests of MMRec-layout conversion (data_prep.mmrec) and loading (lirdrec_jax.data)."""
+"""Tests of MMRec-layout conversion (lirdrec_jax.mmrec_files), loading (lirdrec_jax.data) and the
+`python -m data_prep.mmrec` front end."""
 import os
 import re
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_prep import mmrec
-from lirdrec_jax import data
+from lirdrec_jax import data, mmrec_files
 from lirdrec_jax.data import DataError
 
 NAME = 'toy'
@@ -57,7 +58,7 @@ def make_dataset(root, text=None, image='default', textfeat='default'):
 
 def test_convert_exact_counts_and_split_contents(tmp_path):
     folder = make_dataset(tmp_path)
-    cache = mmrec.convert_mmrec(folder, NAME)
+    cache = mmrec_files.convert_mmrec(folder, NAME)
     assert cache == folder / '.lirdrec_jax_cache' / 'toy.npz'
     with np.load(cache, allow_pickle=False) as z:
         assert int(z['n_users']) == N_USERS and int(z['n_items']) == N_ITEMS
@@ -77,7 +78,7 @@ def test_convert_exact_counts_and_split_contents(tmp_path):
 
 def test_prepare_arrays_reports_dropped_rows(tmp_path):
     folder = make_dataset(tmp_path)
-    _, stats = mmrec.prepare_arrays(folder, NAME)
+    _, stats = mmrec_files.prepare_arrays(folder, NAME)
     assert stats['dropped_valid'] == 1 and stats['dropped_test'] == 1
     assert (stats['n_train'], stats['n_valid'], stats['n_test']) == (5, 1, 2)
     assert stats['image_feat_shape'] == (6, 4) and stats['text_feat_shape'] == (6, 3)
@@ -117,7 +118,7 @@ def test_blank_lines_crlf_and_bom_are_tolerated(tmp_path):
     # Line numbers stay the file's own across the skipped blank line.
     (folder / 'toy.inter').write_text('userID\titemID\tx_label\n0\t0\t0\n\n0\tx\t0\n')
     with pytest.raises(DataError, match=r'toy\.inter, line 4: column itemID'):
-        mmrec.read_inter(folder / 'toy.inter')
+        mmrec_files.read_inter(folder / 'toy.inter')
 
 
 def test_source_files_are_not_modified(tmp_path):
@@ -136,18 +137,18 @@ def test_source_files_are_not_modified(tmp_path):
 def test_cache_reused_when_fresh_and_rebuilt_when_inter_changes(tmp_path, monkeypatch):
     folder = make_dataset(tmp_path)
     data.load_mmrec(tmp_path, NAME)
-    cache = mmrec.default_cache_path(folder, NAME)
-    assert mmrec.cache_is_fresh(folder, NAME, cache)
+    cache = mmrec_files.default_cache_path(folder, NAME)
+    assert mmrec_files.cache_is_fresh(folder, NAME, cache)
 
     calls = []
-    real_convert = mmrec.convert_mmrec
-    monkeypatch.setattr(mmrec, 'convert_mmrec',
+    real_convert = mmrec_files.convert_mmrec
+    monkeypatch.setattr(mmrec_files, 'convert_mmrec',
                         lambda *a, **k: calls.append(1) or real_convert(*a, **k))
     data.load_mmrec(tmp_path, NAME)
     assert calls == []  # fresh: reused
 
     (folder / 'toy.inter').write_text(inter_text(ROWS + [(2, 5, 0)]))
-    assert not mmrec.cache_is_fresh(folder, NAME, cache)
+    assert not mmrec_files.cache_is_fresh(folder, NAME, cache)
     ds = data.load_mmrec(tmp_path, NAME)
     assert calls == [1]
     np.testing.assert_array_equal(ds.train.users, [0, 0, 1, 1, 1, 2])
@@ -155,17 +156,17 @@ def test_cache_reused_when_fresh_and_rebuilt_when_inter_changes(tmp_path, monkey
     # Same size, new mtime (an in-place edit) is also detected.
     stat = (folder / 'toy.inter').stat()
     os.utime(folder / 'toy.inter', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert not mmrec.cache_is_fresh(folder, NAME, cache)
+    assert not mmrec_files.cache_is_fresh(folder, NAME, cache)
 
 
 def test_cache_stale_when_feature_file_removed_or_cache_corrupt(tmp_path):
     folder = make_dataset(tmp_path)
-    cache = mmrec.convert_mmrec(folder, NAME)
+    cache = mmrec_files.convert_mmrec(folder, NAME)
     (folder / 'image_feat.npy').unlink()
-    assert not mmrec.cache_is_fresh(folder, NAME, cache)
+    assert not mmrec_files.cache_is_fresh(folder, NAME, cache)
     assert data.load_mmrec(tmp_path, NAME).image_feat is None
     cache.write_bytes(b'not a zip file')
-    assert not mmrec.cache_is_fresh(folder, NAME, cache)
+    assert not mmrec_files.cache_is_fresh(folder, NAME, cache)
     assert data.load_mmrec(tmp_path, NAME).text_feat.shape == (6, 3)
 
 
@@ -179,7 +180,7 @@ def test_cache_dir_option(tmp_path):
 
 def test_inconsistent_cache_is_rejected(tmp_path):
     folder = make_dataset(tmp_path)
-    cache = mmrec.convert_mmrec(folder, NAME)
+    cache = mmrec_files.convert_mmrec(folder, NAME)
     with np.load(cache, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     arrays['train_items'] = arrays['train_items'] + 100  # out of range, fingerprint kept
@@ -347,7 +348,7 @@ def test_failed_conversion_leaves_no_cache(tmp_path):
     folder = make_dataset(tmp_path, image=_zero_at(0))
     with pytest.raises(DataError):
         data.load_mmrec(tmp_path, NAME)
-    assert not mmrec.default_cache_path(folder, NAME).exists()
+    assert not mmrec_files.default_cache_path(folder, NAME).exists()
 
 
 # --------------------------------------------------------------------------- CLI and speed
@@ -383,7 +384,7 @@ def test_large_file_converts_with_exact_counts(tmp_path):
                                                                labels.tolist()))
     folder = make_dataset(tmp_path, text='userID\titemID\trating\tx_label\n' + body + '\n',
                           image=None, textfeat=features(n_rows=1000, dim=8))
-    cache = np.load(mmrec.convert_mmrec(folder, NAME))
+    cache = np.load(mmrec_files.convert_mmrec(folder, NAME))
     assert int(cache['n_users']) == 20_000 and int(cache['n_items']) == items.max() + 1
     for key, label in (('train', 0), ('valid', 1), ('test', 2)):
         np.testing.assert_array_equal(cache[f'{key}_users'], users[labels == label])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lirdrec_jax import graph, losses, optim, train
+from lirdrec_jax import graph, losses, optim, sampling, train
 from lirdrec_jax.models import lirdrec
 
 N_USERS, N_ITEMS, DIM = 12, 9, 8
@@ -150,13 +150,15 @@ def test_bpr_loss_worked_out_on_paper():
 def test_train_step_returns_pre_update_embeddings_and_adam_update(setup):
     s = setup
     model, optimizer = s['model'], optim.create_optimizer()
-    state = train.create_train_state(jax.random.PRNGKey(0), model, optimizer, s['features'],
-                                     s['graphs'])
+    frozen = lirdrec.Frozen(s['features'], *s['graphs'])
+    params, carry = lirdrec.init(jax.random.PRNGKey(0), model, frozen, frozen)
+    state = train.TrainState(params, optimizer.init(params), carry)
     params_before = jax.tree.map(np.asarray, state.params)
-    batch = train.Batch(jnp.array([0, 1, 2, 0]), jnp.array([1, 2, 3, 1]),
-                        jnp.array([4, 5, 6, 4]), jnp.array([1., 1., 1., 0.]))
+    batch = sampling.EpochBatches(jnp.array([0, 1, 2, 0]), jnp.array([1, 2, 3, 1]),
+                                  jnp.array([4, 5, 6, 4]), jnp.array([1., 1., 1., 0.]))
     lr, reg = 0.01, 0.1
-    scalars = train.StepScalars(*(jnp.float32(v) for v in (0.6, 0.4, lr, reg)))
+    scalars = train.device_scalars({'w1': 0.6, 'w2': 0.4, 'learning_rate': lr,
+                                    'reg_weight': reg})
 
     def loss_of(params):
         u, i, _ = model.apply({'params': params}, s['features'], s['graphs'], 0.6, 0.4)
@@ -165,12 +167,13 @@ def test_train_step_returns_pre_update_embeddings_and_adam_update(setup):
 
     grads = jax.grad(loss_of)(params_before)
     u0, i0, a0 = model.apply({'params': params_before}, s['features'], s['graphs'], 0.6, 0.4)
-    step = train.make_train_step(model, optimizer)
-    new_state, loss = step(state, batch, s['features'], s['graphs'], scalars)
+    step = jax.jit(train.train_step_fn(lirdrec.MODEL, model, optimizer), donate_argnums=0)
+    new_state, loss = step(state, batch, frozen, None, scalars, jax.random.PRNGKey(0),
+                           jnp.int32(0))
     assert float(loss) == pytest.approx(float(loss_of(params_before)), rel=1e-6)
     # Evaluation quirk: the state carries the forward computed BEFORE the optimiser step.
-    np.testing.assert_allclose(np.asarray(new_state.user_emb), np.asarray(u0), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(new_state.attention), np.asarray(a0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(new_state.carry.user_emb), np.asarray(u0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(new_state.carry.attention), np.asarray(a0), rtol=1e-5, atol=1e-7)
     # First Adam step: m = (1-b1) g, v = (1-b2) g^2, bias-corrected -> update = g / (|g| + eps').
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         g = np.asarray(g, np.float64)
@@ -188,7 +191,7 @@ def _get(tree, path):
 
 def test_with_theta_replaces_only_theta(setup):
     p = setup['params']
-    new = train.with_theta(p, jnp.ones((N_USERS, 3)))
+    new = lirdrec.with_theta(p, jnp.ones((N_USERS, 3)))
     assert np.all(np.asarray(new['fusion']['theta']) == 1)
     assert new['fusion']['weco_a'] is p['fusion']['weco_a']
     assert not np.all(np.asarray(p['fusion']['theta']) == 1)  # the input is untouched

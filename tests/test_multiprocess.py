@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from data_prep import synthetic
+from lirdrec_jax import synthetic
 from lirdrec_jax import experiment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ def test_no_distributed_start_without_a_launcher(monkeypatch):
     assert parallel._several_processes_from_environment()
 
 
-def test_one_device_partitioner_gives_the_plain_evaluation():
+def test_one_device_partitioner_ranks_like_a_numpy_argsort():
     rng = np.random.default_rng(2)
     tr_u, tr_i = rng.integers(0, 30, 200), rng.integers(0, 40, 200)
     te_u, te_i = rng.integers(0, 30, 60), rng.integers(0, 40, 60)
@@ -41,6 +41,12 @@ def test_one_device_partitioner_gives_the_plain_evaluation():
     items = rng.standard_normal((40, 5)).astype(np.float32)
     p = parallel.Partitioner(1)
     assert p.layout_hook() is None  # nothing to pin on one device
+    scores = users[split.users].astype(np.float64) @ items.T.astype(np.float64)
+    for row, u in enumerate(split.users):
+        scores[row, tr_i[tr_u == u]] = -1e10  # the user's training items
+    expected = np.argsort(-scores, axis=1, kind='stable')[:, :10]
+    got = evaluation.full_sort_topk(users, items, split, k=10, batch_size=7, partitioner=p)
+    np.testing.assert_array_equal(got, expected)
+    # Without a partitioner: the same single-device path.
     np.testing.assert_array_equal(
-        evaluation.full_sort_topk(users, items, split, k=10, batch_size=7, partitioner=p),
-        evaluation.full_sort_topk(users, items, split, k=10, batch_size=7))
+        evaluation.full_sort_topk(users, items, split, k=10, batch_size=7), expected)

@@ -9,10 +9,12 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from configs import test as test_config  # noqa: E402
-from data_prep import synthetic  # noqa: E402
+from lirdrec_jax import synthetic  # noqa: E402
 from lirdrec_jax import data as data_lib  # noqa: E402
 from lirdrec_jax import grid, optim, train  # noqa: E402
-from lirdrec_jax.parity import checks, convert, reference, run  # noqa: E402
+from lirdrec_jax.models import lirdrec  # noqa: E402
+from lirdrec_jax.parity import checks, convert, reference  # noqa: E402
+from lirdrec_jax.parity import lirdrec as run  # noqa: E402
 from tests import torch_restatement as R  # noqa: E402
 
 
@@ -29,13 +31,12 @@ def small(tmp_path_factory):
 
 
 def our_params(dataset, point):
-    prepared = train.prepare_data(dataset)
-    model = train.create_model(point.model, dataset.n_users, dataset.n_items)
-    graphs = train.lirdrec.Graphs(prepared.norm_adj,
-                                  train.create_item_graph(prepared, point.model.knn_k, 0.1))
-    state = train.create_train_state(jax.random.PRNGKey(1), model, optim.create_optimizer(),
-                                     prepared.features, graphs)
-    return jax.tree.map(np.asarray, state.params)
+    prepared = train.prepare_data(dataset, 'lirdrec')
+    net = lirdrec.create(point.model, dataset.n_users, dataset.n_items)
+    frozen = lirdrec.Frozen(prepared.model.features, prepared.model.user_item,
+                            lirdrec.item_graph(prepared.model, point.model.knn_k, 0.1))
+    params, _ = lirdrec.init(jax.random.PRNGKey(1), net, frozen, frozen)
+    return jax.tree.map(np.asarray, params)
 
 
 def features(dataset):

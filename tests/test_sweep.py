@@ -14,7 +14,7 @@ from tests.test_train import tiny_dataset
 
 @pytest.fixture(scope='module')
 def prepared():
-    return train.prepare_data(tiny_dataset())
+    return train.prepare_data(tiny_dataset(), 'lirdrec')
 
 
 def grid_points(**values):
@@ -61,9 +61,11 @@ def test_each_vmapped_point_equals_training_it_alone(prepared, tmp_path):
 def test_early_stopping_per_point_and_compaction(prepared, tmp_path, monkeypatch):
     # Points stop early at different rounds (after 2, 3 and 5 epochs): finished points stop
     # updating, the group shrinks to the last one (compaction) and it goes on.
+    # (The group loop is train.train_points: its compaction calls train.take, which sweep.take
+    # re-exports.)
     compactions = []
-    take = sweep.take
-    monkeypatch.setattr(sweep, 'take', lambda tree, index, axes=None: (
+    take = train.take
+    monkeypatch.setattr(train, 'take', lambda tree, index, axes=None: (
         compactions.append(np.asarray(index).tolist()) if np.ndim(index) else None,
         take(tree, index, axes))[1])
     cfgs = []
@@ -110,7 +112,7 @@ def test_stack_or_share():
 
 def test_command_line_switch_trains_vmapped_and_resumes(tmp_path):
     from tests.test_main import data_dir as _unused  # noqa: F401  (fixture lives there)
-    from data_prep import synthetic
+    from lirdrec_jax import synthetic
     root = tmp_path / 'data'
     synthetic.write_synthetic_dataset(root, 'small', n_users=200, n_items=100, seed=1,
                                       image_dim=32, text_dim=24)

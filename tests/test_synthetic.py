@@ -1,9 +1,12 @@
-"""Tests of the embedded synthetic dataset generator (data_prep.synthetic)."""
+"""Tests of the synthetic data generator (lirdrec_jax.synthetic): the embedded default dataset,
+the benchmark's exact-count datasets, and the `python -m data_prep.synthetic` front end."""
+import hashlib
+
 import numpy as np
 import pytest
 
-from data_prep import mmrec, synthetic
-from lirdrec_jax import data
+from data_prep import synthetic as synthetic_cli
+from lirdrec_jax import data, mmrec_files, synthetic
 from lirdrec_jax.data import DataError
 
 SMALL = dict(n_users=200, n_items=120, image_dim=24, text_dim=16)
@@ -83,7 +86,7 @@ def test_load_mmrec_loads_it(small):
     assert ds.n_users == cols['userID'].max() + 1 and ds.n_items == cols['itemID'].max() + 1
     assert ds.train.users.size + ds.valid.users.size + ds.test.users.size == cols['userID'].size
     assert ds.image_feat.shape == (ds.n_items, 24) and ds.text_feat.shape == (ds.n_items, 16)
-    _, stats = mmrec.prepare_arrays(root / 'small', 'small')
+    _, stats = mmrec_files.prepare_arrays(root / 'small', 'small')
     assert stats['dropped_valid'] == 0 and stats['dropped_test'] == 0
 
 
@@ -121,8 +124,8 @@ def test_incomplete_default_dataset_raises(tmp_path, monkeypatch):
 
 
 def test_cli_writes_and_summarizes(tmp_path, capsys):
-    assert synthetic.main(['--out_dir', str(tmp_path), '--name', 'cli', '--n_users', '120',
-                           '--n_items', '80', '--image_dim', '8', '--text_dim', '8']) == 0
+    assert synthetic_cli.main(['--out_dir', str(tmp_path), '--name', 'cli', '--n_users', '120',
+                               '--n_items', '80', '--image_dim', '8', '--text_dim', '8']) == 0
     out = capsys.readouterr().out
     assert 'wrote' in out and 'split rows: train' in out
     assert (tmp_path / 'cli' / 'cli.inter').is_file()
@@ -131,3 +134,100 @@ def test_cli_writes_and_summarizes(tmp_path, capsys):
 def test_invalid_generator_arguments():
     with pytest.raises(ValueError, match='min_length'):
         synthetic.generate_synthetic(min_length=3)
+
+
+# --------------------------------------------------------------------------- the default's bytes
+
+# sha256 of the embedded default dataset (the published default result, test Recall@20 0.4729,
+# was measured on exactly these bytes). A change here changes every default run: bump
+# DEFAULT_VERSION and re-measure the README's results instead of editing these values.
+DEFAULT_SHA256 = {
+    'synthetic.inter': '9a478af29dd98354ba33dce3fe453c1e679efac8d08cba1b3b247c5fed91d6c3',
+    'image_feat': '28eea8384e19b9fb649aa2d189819e937d34a2c87016e6c717c47f7a05ee3019',
+    'text_feat': '2c0e6b113d2adb264054cb29a120f5b1e20a0702ebe218ea732b1b6b05942571',
+}
+
+
+def test_default_dataset_bytes_are_pinned():
+    d = synthetic.generate_synthetic()
+    assert synthetic.DEFAULT_VERSION == 'synthetic-v1'
+    assert d.image_feat.dtype == np.float32 and d.text_feat.dtype == np.float32
+    got = {'synthetic.inter': synthetic.format_inter(d).encode(),
+           'image_feat': d.image_feat.tobytes(), 'text_feat': d.text_feat.tobytes()}
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in got.items()} == DEFAULT_SHA256
+
+
+# --------------------------------------------------------------------------- exact counts
+
+EXACT = (300, 120, 2000)
+
+
+@pytest.fixture(scope='module')
+def exact():
+    return synthetic.generate_exact_counts(*EXACT, seed=1, image_dim=16, text_dim=8)
+
+
+def test_exact_counts_are_exact(exact):
+    n_users, n_items, n_interactions = EXACT
+    assert exact.users.size == n_interactions
+    assert np.array_equal(np.unique(exact.users), np.arange(n_users))
+    assert exact.items.min() >= 0 and exact.items.max() < n_items
+    assert exact.image_feat.shape == (n_items, 16) and exact.text_feat.shape == (n_items, 8)
+    per_user = np.bincount(exact.users)
+    assert per_user.min() >= 5 and per_user.max() <= n_items // 2
+    assert np.unique(exact.users * n_items + exact.items).size == exact.users.size  # distinct
+    assert set(np.unique(exact.ratings)) <= {1, 2, 3, 4, 5}
+
+
+def test_exact_counts_are_long_tailed_and_split_in_time_order(exact):
+    per_item = np.sort(np.bincount(exact.items, minlength=EXACT[1]))[::-1]
+    # Long tail: the top 10% of items hold well over 10% of the rows, the top item several
+    # times the median.
+    assert per_item[:12].sum() > 0.2 * EXACT[2] and per_item[0] > 3 * np.median(per_item)
+    users, labels, times = exact.users, exact.x_label, exact.timestamps
+    assert np.all(np.diff(users) >= 0) and np.all(np.diff(times)[np.diff(users) == 0] >= 0)
+    for label in (0, 1, 2):
+        assert np.unique(users[labels == label]).size == EXACT[0], label
+    # Per user: train rows, then the valid rows, then the test rows (in time order).
+    for u in range(EXACT[0]):
+        assert np.all(np.diff(labels[users == u]) >= 0)
+    share = np.bincount(labels) / labels.size
+    assert 0.6 < share[0] < 0.85 and share[1] == share[2]
+
+
+def test_exact_counts_deterministic_and_in_memory_dataset(exact):
+    again = synthetic.generate_exact_counts(*EXACT, seed=1, image_dim=16, text_dim=8)
+    assert all(np.array_equal(a, b) for a, b in zip(exact, again))
+    ds = synthetic.to_dataset(exact, 'bench')
+    assert (ds.name, ds.n_users, ds.n_items) == ('bench', EXACT[0], EXACT[1])
+    assert sum(s.users.size for s in (ds.train, ds.valid, ds.test)) == EXACT[2]
+    assert ds.train.users.dtype == np.int32 and ds.test.items.dtype == np.int32
+    np.testing.assert_array_equal(ds.valid.items, exact.items[exact.x_label == 1])
+    assert ds.image_feat is exact.image_feat
+
+
+def test_in_memory_dataset_matches_the_written_files(small):
+    root, _ = small
+    d = synthetic.generate_synthetic(seed=3, **SMALL)
+    mem, disk = synthetic.to_dataset(d, 'small'), data.load_mmrec(root, 'small')
+    assert (mem.n_users, mem.n_items) == (disk.n_users, disk.n_items)
+    for split in ('train', 'valid', 'test'):
+        for a, b in zip(getattr(mem, split), getattr(disk, split)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(mem.image_feat, disk.image_feat)
+
+
+def test_exact_lengths_respect_the_cap_and_the_total():
+    rng = np.random.default_rng(0)
+    lengths = synthetic.exact_lengths(rng, 50, 600, 5, 13)  # the cap binds for many users
+    assert lengths.sum() == 600 and lengths.min() >= 5 and lengths.max() <= 13
+    with pytest.raises(ValueError, match='cannot give 50 users between 5 and 13 each'):
+        synthetic.exact_lengths(rng, 50, 700, 5, 13)
+    with pytest.raises(ValueError, match='cannot give'):
+        synthetic.generate_exact_counts(100, 50, 400)  # fewer than 5 per user
+
+
+def test_writing_exact_counts_with_an_unused_last_item_is_refused(tmp_path, exact):
+    unused = exact._replace(image_feat=np.ones((EXACT[1] + 1, 16), np.float32))
+    with pytest.raises(ValueError, match='needs a row for item 120'):
+        synthetic.write_mmrec_files(tmp_path, 'x', unused)

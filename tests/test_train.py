@@ -4,11 +4,12 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import test as test_config
-from lirdrec_jax import checkpointing, grid, optim, train
+from lirdrec_jax import checkpointing, grid, optim, parallel, sampling, train
 from lirdrec_jax.data import Interactions, MMRecDataset
 from lirdrec_jax.models import lirdrec
 
@@ -28,7 +29,7 @@ def tiny_dataset(seed=0, n_users=60, n_items=70):
 
 @pytest.fixture(scope='module')
 def prepared():
-    return train.prepare_data(tiny_dataset())
+    return train.prepare_data(tiny_dataset(), 'lirdrec')
 
 
 def point_config(**train_overrides):
@@ -85,28 +86,30 @@ def test_theta_is_overwritten_with_the_last_attention_at_epoch_start(prepared, t
     cfg = point_config(epochs=2, stopping_step=10)
     train.train_and_evaluate(cfg, prepared, tmp_path)
     ckpts = checkpointing.RunCheckpoints(tmp_path / 'ckpt', 2)
-    model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
-    from lirdrec_jax import optim
+    net = lirdrec.create(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
     opt = optim.create_optimizer()
-    graphs = lirdrec.Graphs(prepared.norm_adj,
-                                  train.create_item_graph(prepared, cfg.model.knn_k, 0.1))
-    template = train.create_train_state(jax.random.PRNGKey(0), model, opt, prepared.features, graphs)
-    saved, progress = ckpts.restore(train._state_to_save(template, jax.random.PRNGKey(0)))
+    frozen = lirdrec.Frozen(prepared.model.features, prepared.model.user_item,
+                            lirdrec.item_graph(prepared.model, cfg.model.knn_k, 0.1))
+    params, carry = lirdrec.init(jax.random.PRNGKey(0), net, frozen, frozen)
+    template = train.TrainState(params, opt.init(params), carry)
+    saved, progress = ckpts.restore(train.state_to_save(template, jax.random.PRNGKey(0),
+                                                        parallel.Partitioner(1)))
     ckpts.close()
-    att = np.asarray(saved['attention'])
+    att = np.asarray(saved['carry'].attention)
     theta = np.asarray(saved['params']['fusion']['theta'])
     # After epoch 2, theta is epoch 1's last attention moved by epoch 2's Adam steps: close to
     # a probability table (rows near summing to 1), unlike its xavier-normal init.
     np.testing.assert_allclose(att.sum(1), 1, rtol=1e-5)
     assert np.abs(theta.sum(1) - 1).max() < 0.1
     # PWC weights after two epochs: (0.9, 0.1) -> epoch 1 -> epoch 2, as the hand schedule.
-    w1, w2 = train.lirdrec.pwc_weights_for_epoch(0.9, 0.1, 1, 0.9)
-    w1, w2 = train.lirdrec.pwc_weights_for_epoch(w1, w2, 2, 0.9)
-    assert (progress['w1'], progress['w2']) == pytest.approx((w1, w2))
+    w1, w2 = lirdrec.pwc_weights_for_epoch(0.9, 0.1, 1, 0.9)
+    w1, w2 = lirdrec.pwc_weights_for_epoch(w1, w2, 2, 0.9)
+    assert (progress['model_state']['w1'], progress['model_state']['w2']) == \
+        pytest.approx((w1, w2))
 
 
 def test_early_stopping_rule():
-    progress = train.Progress(epochs_done=0, w1=0.9, w2=0.1)
+    progress = train.Progress(epochs_done=0, model_state={'w1': 0.9, 'w2': 0.1})
     seq = [0.1, 0.2, 0.2, 0.15, 0.21, 0.2, 0.2, 0.2]
     flags = [train.early_stopping(progress, v, stopping_step=2) for v in seq]
     # Improved at 0.1, 0.2, 0.21 (an equal score is not better); the run stops when the
@@ -127,42 +130,45 @@ def test_train_step_compiles_once_across_epochs_with_edge_dropout(prepared):
     """New dropout graphs, PWC weights and learning rates every epoch reuse one compilation."""
     cfg = point_config(epochs=3)
     cfg.model.dropout = 0.3
-    model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
-    from lirdrec_jax import optim, sampling
-    opt = optim.create_optimizer()
-    item_graph = train.create_item_graph(prepared, cfg.model.knn_k, 0.1)
-    state = train.create_train_state(jax.random.PRNGKey(0), model, opt, prepared.features,
-                                     train.lirdrec.Graphs(prepared.norm_adj, item_graph))
-    step = train.make_train_step(model, opt)
-    n_edges = prepared.edges.users.shape[0]
+    partitioner = parallel.Partitioner(1)
+    setup = train.setup_point(cfg, prepared, partitioner)
+    fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
+    state = setup.state
+    n_edges = prepared.model.edges.users.shape[0]
     for epoch in range(3):
-        graphs = train.epoch_graphs(prepared, item_graph, 0.3, jax.random.PRNGKey(epoch),
-                                    prepared.dataset.n_users, prepared.dataset.n_items)
-        assert graphs.user_item.nse == 2 * int(n_edges * 0.7)
-        scalars = train.StepScalars(*(jax.numpy.float32(v) for v in (0.9 - epoch / 10, 0.1, 1e-3, 1e-3)))
+        user_item = lirdrec.epoch_inputs(prepared.model, cfg.model, jax.random.PRNGKey(epoch),
+                                         epoch)
+        assert user_item.nse == 2 * int(n_edges * 0.7)
+        epoch_inputs = train.place_epoch_inputs(partitioner, user_item, setup.options)
+        scalars = train.device_scalars(dict(zip(('w1', 'w2', 'learning_rate', 'reg_weight'),
+                                                (0.9 - epoch / 10, 0.1, 1e-3, 1e-3))))
         batches = sampling.epoch_batches(sampling.epoch_rng(0, epoch), prepared.sampler, 64)
-        state, loss = train.run_epoch(step, state, batches, prepared.features, graphs, scalars,
-                                      epoch)
+        state, losses = train.run_epoch(fns, state, batches, setup.frozen, epoch_inputs, scalars,
+                                        jax.random.fold_in(setup.epoch_key, epoch), None, epoch,
+                                        partitioner, False)
+        loss = train.summed_loss(losses, epoch)
         assert np.isfinite(loss)
     assert batches.users.shape[0] > 2
-    assert step._cache_size() == 1
+    assert fns.step._cache_size() == 1
 
 
 def test_fresh_evaluation_uses_the_epochs_final_parameters(prepared, tmp_path):
     cfg = point_config(epochs=1)
     cfg.eval.embeddings = 'fresh'
     result = train.train_and_evaluate(cfg, prepared, tmp_path)
-    from lirdrec_jax import evaluation, optim
-    model = train.create_model(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
-    graphs = lirdrec.Graphs(prepared.norm_adj,
-                                  train.create_item_graph(prepared, cfg.model.knn_k, 0.1))
-    template = train.create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(),
-                                        prepared.features, graphs)
+    from lirdrec_jax import evaluation
+    net = lirdrec.create(cfg.model, prepared.dataset.n_users, prepared.dataset.n_items)
+    graphs = lirdrec.Graphs(prepared.model.user_item,
+                            lirdrec.item_graph(prepared.model, cfg.model.knn_k, 0.1))
+    frozen = lirdrec.Frozen(prepared.model.features, *graphs)
+    params, carry = lirdrec.init(jax.random.PRNGKey(0), net, frozen, frozen)
+    template = train.TrainState(params, optim.create_optimizer().init(params), carry)
     ckpts = checkpointing.RunCheckpoints(tmp_path / 'ckpt', 2)
-    saved, progress = ckpts.restore(train._state_to_save(template, jax.random.PRNGKey(0)))
+    saved, progress = ckpts.restore(train.state_to_save(template, jax.random.PRNGKey(0),
+                                                        parallel.Partitioner(1)))
     ckpts.close()
-    users, items, _ = model.apply({'params': saved['params']}, prepared.features, graphs,
-                                  progress['w1'], progress['w2'])
+    users, items, _ = net.apply({'params': saved['params']}, prepared.model.features, graphs,
+                                progress['model_state']['w1'], progress['model_state']['w2'])
     expected = evaluation.evaluate_full_sort(users, items, prepared.valid)
     assert result['history'][0]['valid'] == expected
     # ... and differs from the reference's default (embeddings of the last training forward).
@@ -241,18 +247,14 @@ def test_cpu_dot_option_reaches_the_compiled_step(prepared):
     for cpu_dot in ('xla', 'eigen'):
         cfg = point_config()
         cfg.model.cpu_dot = cpu_dot
-        options = train.run_options(cfg)
-        ds = prepared.dataset
-        model = train.create_model(cfg.model, ds.n_users, ds.n_items)
-        optimizer = optim.create_optimizer()
-        graphs = lirdrec.Graphs(prepared.norm_adj, train.create_item_graph(
-            prepared, int(cfg.model.knn_k), float(cfg.model.mm_image_weight)))
-        state = train.create_train_state(jax.random.PRNGKey(0), model, optimizer,
-                                         prepared.features, graphs)
-        batch = train.Batch(*(np.zeros(8, np.int32),) * 3, np.ones(8, np.float32))
-        step = train.make_train_step(model, optimizer, None, options.compiler_options)
-        texts[cpu_dot] = step.lower(state, batch, prepared.features, graphs,
-                                    train.step_scalars(0.9, 0.1, 1e-3, 1e-3)).compile().as_text()
+        partitioner = parallel.Partitioner(1)
+        setup = train.setup_point(cfg, prepared, partitioner)
+        batch = sampling.EpochBatches(*(np.zeros(8, np.int32),) * 3, np.ones(8, np.float32))
+        step = train.make_epoch_fns(setup, partitioner, 'last_batch').step
+        scalars = train.device_scalars({'w1': 0.9, 'w2': 0.1, 'learning_rate': 1e-3,
+                                        'reg_weight': 1e-3})
+        texts[cpu_dot] = step.lower(setup.state, batch, setup.frozen, None, scalars,
+                                    setup.epoch_key, jnp.int32(0), None).compile().as_text()
     assert train.run_options(point_config()).compiler_options is None
     assert ' dot(' in texts['eigen'] and 'ynn_fusion' not in texts['eigen']
     if 'ynn_fusion' not in texts['xla']:

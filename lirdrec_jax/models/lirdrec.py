@@ -1,8 +1,16 @@
-"""LIRDRec (arXiv 2505.04960) as a pure Flax module.
+"""LIRDRec (arXiv 2505.04960): a pure Flax module and its functions on the model interface.
 
 The forward pass returns everything the next step needs (user and item representations and
 the fusion attention) instead of stashing it on the module, as the reference does with
-`result_embed` and `last_att`; the training loop folds that state in (see train.py).
+`result_embed` and `last_att`. The state the reference keeps in module attributes is explicit
+here (`MODEL` at the end wires it into the generic trainer):
+- `Carry.attention` is the fusion attention of the last training batch; at the start of the
+  next epoch it overwrites the PWC table theta (the reference's `theta.data = last_att`,
+  `start_epoch`).
+- `Carry.user_emb/item_emb` are the representations of the last training forward pass,
+  computed before that batch's optimiser step; the reference evaluates on exactly these (its
+  cached `result_embed`). `eval.embeddings = 'fresh'` evaluates on a new forward pass instead.
+- The host state holds the PWC weights w1/w2 (`epoch_schedule`).
 """
 from typing import Callable, NamedTuple, Optional
 
@@ -12,7 +20,8 @@ import numpy as np
 import scipy.fft
 from flax import linen as nn
 
-from lirdrec_jax import graph
+from lirdrec_jax import graph, losses
+from lirdrec_jax.models import base
 from lirdrec_jax.models.layers import (MATMUL_DTYPES, Tower, TorchDense, l2_normalize,
                                        xavier_normal_init)
 
@@ -181,3 +190,217 @@ def pwc_weights_for_epoch(w1: float, w2: float, epoch: int, base: float) -> tupl
     w1 = w1 * base ** epoch
     total = w1 + w2
     return w1 / total, w2 / total
+
+
+# ----------------------------------------------------------------------------------------------
+# The model interface (models/base.py)
+# ----------------------------------------------------------------------------------------------
+
+class Prepared(NamedTuple):
+    """Host-side inputs shared by every point of a dataset.
+
+    Attributes:
+      features: the three frozen views (float32, the DCT computed once).
+      user_item: the normalised user-item adjacency (BCOO).
+      edges: the training edges and their sampling weights (for `model.dropout > 0`).
+      image, text: the raw feature tables (numpy or None), for the kNN item graph.
+      n_users, n_items: the dataset's counts.
+    """
+    features: ItemFeatures
+    user_item: graph.SparseMatrix
+    edges: graph.TrainEdges
+    image: Optional[np.ndarray]
+    text: Optional[np.ndarray]
+    n_users: int
+    n_items: int
+
+
+class Frozen(NamedTuple):
+    """A point's frozen inputs: the views (in the point's dtype and layout), the full
+    normalised adjacency and the kNN item graph."""
+    features: ItemFeatures
+    user_item: graph.SparseMatrix
+    item_item: graph.SparseMatrix
+
+
+class Carry(NamedTuple):
+    """What one step hands to the next (module docstring).
+
+    Attributes:
+      attention: (n_users, 3) fusion attention of the last training forward.
+      user_emb: (n_users, 3*dim) users of the last training forward.
+      item_emb: (n_items, 3*dim) items of the last training forward.
+    """
+    attention: jax.Array
+    user_emb: jax.Array
+    item_emb: jax.Array
+
+
+EVAL_EMBEDDINGS = ('last_batch', 'fresh')
+
+
+def config_checks(cfg, n_users: int, n_items: int) -> list:
+    del n_users
+    m = cfg.model
+    return [
+        (cfg.eval.embeddings in EVAL_EMBEDDINGS, 'eval.embeddings', f'one of {EVAL_EMBEDDINGS}'),
+        (0.0 <= m.dropout < 1.0, 'model.dropout', 'in [0, 1)'),
+        (1 <= m.knn_k <= n_items, 'model.knn_k', f'in [1, n_items={n_items}]'),
+        (0.0 <= m.mm_image_weight <= 1.0, 'model.mm_image_weight', 'in [0, 1]'),
+        (0.0 <= m.decay_weight <= 1.0, 'model.decay_weight', 'in [0, 1]'),
+        (m.n_ui_layers >= 0 and m.n_mm_layers >= 0, 'model.n_*_layers', '>= 0'),
+        (m.get('matmul_dtype', 'float32') in MATMUL_DTYPES, 'model.matmul_dtype',
+         f'one of {MATMUL_DTYPES}'),
+        (not (m.get('cpu_dot', 'xla') == 'eigen'
+              and m.get('matmul_dtype', 'float32') == 'bfloat16'), 'model.cpu_dot',
+         "'xla' with model.matmul_dtype='bfloat16' (Eigen has no fast bfloat16 GEMM: the "
+         "towers ran 3.5x slower)"),
+    ]
+
+
+def static_key(model_cfg) -> str:
+    # The kNN graph's entries are the union of both modalities' neighbours for weights strictly
+    # between 0 and 1; a weight of 0 or 1 drops one modality's entries (other shapes).
+    w = float(model_cfg.mm_image_weight)
+    return 'text' if w == 0.0 else 'image' if w == 1.0 else 'both'
+
+
+def prepare(dataset) -> Prepared:
+    train = dataset.train
+    return Prepared(
+        features=item_features(dataset.image_feat, dataset.text_feat),
+        user_item=graph.norm_adjacency(train.users, train.items, dataset.n_users,
+                                       dataset.n_items),
+        edges=graph.train_edges(train.users, train.items, dataset.n_users, dataset.n_items),
+        image=dataset.image_feat, text=dataset.text_feat, n_users=dataset.n_users,
+        n_items=dataset.n_items)
+
+
+def item_graph(prepared: Prepared, knn_k: int, mm_image_weight: float):
+    """The frozen kNN item graph of one (knn_k, mm_image_weight) point (seconds to build)."""
+    feats = [f for f in (prepared.image, prepared.text) if f is not None]
+    weights = graph.modality_weights(prepared.image is not None, prepared.text is not None,
+                                     mm_image_weight)
+    return graph.knn_item_graph(feats, weights, knn_k)
+
+
+def frozen_inputs(prepared: Prepared, dataset, model_cfg) -> Frozen:
+    del dataset
+    features = feature_layout(prepared.features, str(model_cfg.get('matmul_dtype', 'float32')),
+                              bool(model_cfg.get('transposed_features', False)))
+    return Frozen(features, prepared.user_item,
+                  item_graph(prepared, int(model_cfg.knn_k), float(model_cfg.mm_image_weight)))
+
+
+def place_frozen(frozen: Frozen, partitioner, options) -> Frozen:
+    """Features split by item over the devices (rows; transposed copies by column), graphs in
+    the run's sparse representation, replicated."""
+    f = frozen.features
+    features = ItemFeatures(*[partitioner.split_items(x, 0) for x in f[:3]],
+                            *[partitioner.split_items(x, 1) for x in f[3:]])
+    graphs = [graph.spmm_operand(g, options.spmm_impl, options.spmm_chunk_size)
+              for g in (frozen.user_item, frozen.item_item)]
+    return Frozen(features, *partitioner.replicate(graphs))
+
+
+def create(model_cfg, n_users: int, n_items: int, layout=None) -> 'LIRDRec':
+    return LIRDRec(n_users=n_users, n_items=n_items, dim=int(model_cfg.embedding_size),
+                   n_ui_layers=int(model_cfg.n_ui_layers), n_mm_layers=int(model_cfg.n_mm_layers),
+                   matmul_dtype=str(model_cfg.get('matmul_dtype', 'float32')), layout=layout)
+
+
+def _graphs(frozen: Frozen, epoch_inputs) -> Graphs:
+    user_item = frozen.user_item if epoch_inputs is None else epoch_inputs
+    return Graphs(user_item, frozen.item_item)
+
+
+def init(key, net: 'LIRDRec', frozen: Frozen, host_frozen: Frozen) -> tuple:
+    del host_frozen
+    params = net.init(key, frozen.features, _graphs(frozen, None), 1.0, 0.0)['params']
+    theta = params['fusion']['theta']
+    # Before any forward pass the reference's `last_att` is theta itself, so the overwrite at
+    # the start of epoch 1 changes nothing; starting `attention` at theta reproduces that.
+    width = 3 * net.dim
+    return params, Carry(theta, jnp.zeros((net.n_users, width), jnp.float32),
+                         jnp.zeros((net.n_items, width), jnp.float32))
+
+
+def host_init(model_cfg) -> dict:
+    w1 = float(model_cfg.decay_weight)
+    return {'w1': w1, 'w2': 1.0 - w1}
+
+
+def epoch_schedule(model_cfg, host: dict, epoch: int) -> tuple:
+    """The PWC schedule applied at the start of `epoch` (0-based; the reference's
+    pre_epoch_processing). Returns (host, scalars)."""
+    w1, w2 = pwc_weights_for_epoch(host['w1'], host['w2'], epoch + 1, float(model_cfg.decay_base))
+    return {'w1': w1, 'w2': w2}, {'w1': w1, 'w2': w2, 'reg_weight': float(model_cfg.reg_weight)}
+
+
+def epoch_inputs(prepared: Prepared, model_cfg, key, epoch: int):
+    """The user-item graph of one epoch: None (the full adjacency of `Frozen`), or with
+    `model.dropout > 0` a degree-sensitive dropout sample (FREEDOM's, inactive in the
+    reference's LIRDRec settings)."""
+    del epoch
+    dropout = float(model_cfg.dropout)
+    if dropout <= 0.0:
+        return None
+    keep = int(prepared.edges.users.shape[0] * (1.0 - dropout))
+    return graph.edge_dropout_adjacency(key, prepared.edges, keep, prepared.n_users,
+                                        prepared.n_items)
+
+
+def with_theta(params, theta):
+    """params with the PWC table replaced (a new dict; nothing is mutated)."""
+    return {**params, 'fusion': {**params['fusion'], 'theta': theta}}
+
+
+def start_epoch(params, carry: Carry) -> tuple:
+    """theta <- the last batch's attention; Adam's moments of theta are kept, as in the
+    reference. The steps never read the incoming attention (each overwrites it), so the carry
+    restarts from zeros: theta and the carry then never share a buffer."""
+    return with_theta(params, carry.attention), carry._replace(
+        attention=jnp.zeros_like(carry.attention))
+
+
+def loss(net: 'LIRDRec', params, carry: Carry, batch, frozen: Frozen, epoch_in, scalars: dict,
+         rng) -> tuple:
+    """BPR over the batch + reg_weight * (mean(U^2) + mean(I^2)) over all users and items."""
+    del carry, rng
+    users, items, attention = net.apply({'params': params}, frozen.features,
+                                        _graphs(frozen, epoch_in), scalars['w1'], scalars['w2'])
+    ranking = losses.bpr_loss(users[batch.users], items[batch.positives],
+                              items[batch.negatives], batch.weights)
+    value = ranking + scalars['reg_weight'] * losses.embedding_l2(users, items)
+    return value, Carry(attention, users, items)
+
+
+def eval_embeddings(net: 'LIRDRec', params, carry: Carry, frozen: Frozen, epoch_in,
+                    scalars: dict, mode: str) -> tuple:
+    """The last training forward's embeddings (the reference), or a fresh forward pass."""
+    if mode == 'last_batch':
+        return carry.user_emb, carry.item_emb
+    users, items, _ = net.apply({'params': params}, frozen.features, _graphs(frozen, epoch_in),
+                                scalars['w1'], scalars['w2'])
+    return users, items
+
+
+def flops_per_batch(model_cfg, size: base.ProblemSize) -> float:
+    """Forward + weight-gradient FLOPs of the three towers over all items (the dominant cost;
+    the features are constants, so there are no input gradients)."""
+    dim = int(model_cfg.embedding_size)
+    dims = list(size.feature_dims) + [sum(size.feature_dims)]
+    per = sum(2 * size.n_items * (d * 4 * dim + 4 * dim * dim) for d in dims)
+    return 2 * per
+
+
+MODEL = base.Model(
+    name='lirdrec', batch_kind='bpr',
+    sweep_fields=('model.reg_weight', 'model.decay_weight', 'model.decay_base',
+                  'model.mm_image_weight'),
+    config_checks=config_checks, static_key=static_key, prepare=prepare,
+    frozen_inputs=frozen_inputs, place_frozen=place_frozen, create=create, init=init,
+    host_init=host_init, epoch_schedule=epoch_schedule, epoch_inputs=epoch_inputs,
+    start_epoch=start_epoch, loss=loss, eval_embeddings=eval_embeddings,
+    flops_per_batch=flops_per_batch,
+    parity=base.ParityHooks(module='lirdrec_jax.parity.lirdrec', reference_repo='enoche/LIRDRec'))

@@ -1,10 +1,12 @@
-"""`python -m lirdrec_jax.parity --reference PATH --config configs/lirdrec.py[:variant] [...]`
+"""`python -m lirdrec_jax.parity --reference PATH --config configs/<model>.py[:variant] [...]`
 
-Builds the PyTorch reference from the user's own checkout of enoche/LIRDRec and ours on the
-same data, copies the reference's initial weights into ours, and prints, for every checked
-quantity, the max absolute and relative difference, the tolerance and PASS/FAIL. Exit status
-1 if any check fails. See docs/parity.md for what is checked and why the tolerances are what
-they are.
+Builds the PyTorch reference from the user's own checkout of the model's reference repository
+(enoche/LIRDRec for LIRDRec, enoche/FREEDOM for FREEDOM, ...) and ours on the same data,
+copies the reference's initial weights into ours, and prints, for every checked quantity, the
+max absolute and relative difference, the tolerance and PASS/FAIL. Exit status 1 if any check
+fails. The checks are the model's own (its parity module, `lirdrec_jax/parity/<model>.py`,
+named by the model's `parity` hook). See docs/parity.md for what is checked and why the
+tolerances are what they are.
 
 With a grid config, the point given by --point (default 0, the first) is checked.
 """
@@ -16,7 +18,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lirdrec.py',
                                           'Config file, optionally with :variant.')
-_REFERENCE = flags.DEFINE_string('reference', None, 'Path of a clone of enoche/LIRDRec.')
+_REFERENCE = flags.DEFINE_string('reference', None,
+                                  "Path of a clone of the model's reference repository.")
 _EPOCHS = flags.DEFINE_integer('epochs', 3, 'Epochs to train both sides on identical batches.')
 _POINT = flags.DEFINE_integer('point', 0, 'Index of the grid point to check.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the reference initialisation and the batches.')
@@ -26,7 +29,7 @@ def dataset_folder(data_cfg):
     """(<data_dir>/<dataset> folder, dataset) of the configured data (the embedded default is
     generated on first use)."""
     if not data_cfg.data_dir:
-        from data_prep import synthetic
+        from lirdrec_jax import synthetic
         data_dir, name = synthetic.ensure_default_dataset()
         return os.path.join(data_dir, name)
     return os.path.join(data_cfg.data_dir, data_cfg.dataset)
@@ -35,12 +38,22 @@ def dataset_folder(data_cfg):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from lirdrec_jax import models
+    try:
+        model = models.get_model(_CONFIG.value.model_name)
+    except ValueError as err:
+        sys.exit(f'error: {err}')
+    if model.parity is None:
+        sys.exit(f'error: model {model.name!r} has no parity module')
     if not _REFERENCE.value:
-        raise app.UsageError('--reference PATH (a clone of enoche/LIRDRec) is required')
+        raise app.UsageError(f'--reference PATH (a clone of {model.parity.reference_repo}) is '
+                             'required')
     logging.set_verbosity(logging.WARNING)
+    import importlib
     import torch
     from lirdrec_jax import experiment, grid
-    from lirdrec_jax.parity import checks, reference, run
+    from lirdrec_jax.parity import checks, reference
+    run = importlib.import_module(model.parity.module)
     torch.set_num_threads(os.cpu_count() or 1)
     points = grid.expand_grid(_CONFIG.value)
     if not 0 <= _POINT.value < len(points):

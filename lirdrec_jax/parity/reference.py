@@ -56,20 +56,26 @@ def _install_shims() -> None:
         sys.modules.setdefault('matplotlib.pyplot', stub.pyplot)
 
 
-def load_reference(checkout: os.PathLike) -> types.SimpleNamespace:
-    """Import the reference's model, trainer and evaluator modules from a checkout.
+def load_reference(checkout: os.PathLike, model_module: str = 'lirdrec',
+                   class_name: str = 'LIRDRec',
+                   repository: str = 'enoche/LIRDRec') -> types.SimpleNamespace:
+    """Import a reference's model, trainer and evaluator modules from a checkout of an
+    MMRec-framework repository (enoche/LIRDRec, enoche/FREEDOM, ...).
 
     Args:
-      checkout: the folder of a clone of enoche/LIRDRec (holding `src/models/lirdrec.py`).
+      checkout: the folder of the clone (holding `src/models/<model_module>.py`).
+      model_module, class_name: the model's module under `src/models/` and its class.
+      repository: named in the error when the checkout is not the expected one.
 
     Returns:
-      A namespace with `LIRDRec` (model class), `Trainer`, `TopKEvaluator`, `metrics` module.
+      A namespace with `Model` (the model class), `Trainer`, `TopKEvaluator`, `metrics`.
     """
     src = Path(checkout) / 'src'
-    model_file = src / 'models' / 'lirdrec.py'
+    model_file = src / 'models' / f'{model_module}.py'
     if not model_file.is_file():
         raise ReferenceError_(f'{model_file} not found: --reference must point at a clone of '
-                              'the reference repository enoche/LIRDRec (the folder holding src/)')
+                              f'the reference repository {repository} (the folder holding '
+                              'src/)')
     try:
         import torch  # noqa: F401
         import torch_dct  # noqa: F401
@@ -79,14 +85,14 @@ def load_reference(checkout: os.PathLike) -> types.SimpleNamespace:
     if str(src) not in sys.path:
         sys.path.insert(0, str(src))
     try:
-        models = importlib.import_module('models.lirdrec')
+        models = importlib.import_module(f'models.{model_module}')
         trainer = importlib.import_module('common.trainer')
         evaluator = importlib.import_module('utils.topk_evaluator')
         metrics = importlib.import_module('utils.metrics')
     except ImportError as err:
         raise ReferenceError_(f'cannot import the reference from {src}: {err} (pip install -e '
                               '.[parity] installs what it needs)') from err
-    return types.SimpleNamespace(LIRDRec=models.LIRDRec, Trainer=trainer.Trainer,
+    return types.SimpleNamespace(Model=getattr(models, class_name), Trainer=trainer.Trainer,
                                  TopKEvaluator=evaluator.TopKEvaluator, metrics=metrics,
                                  source=src)
 
@@ -197,7 +203,7 @@ def build_reference_model(ref: Optional[types.SimpleNamespace], point_cfg,
                           model_class: Optional[type] = None):
     """Construct the reference model on our data. Returns (model, config, staging tempdir).
 
-    `model_class`, when given, is used instead of `ref.LIRDRec` (the tests use an independent
+    `model_class`, when given, is used instead of `ref.Model` (the tests use an independent
     PyTorch restatement of the model).
     """
     import torch
@@ -206,7 +212,7 @@ def build_reference_model(ref: Optional[types.SimpleNamespace], point_cfg,
     tmp = staging_folder(dataset_dir, dataset.name, point_cfg.data.image_file,
                          point_cfg.data.text_file)
     config = reference_config(point_cfg, tmp.name + os.sep, dataset.name)
-    cls = model_class or ref.LIRDRec
+    cls = model_class or ref.Model
     model = cls(config, ReferenceTrainData(dataset))
     return model, config, tmp
 
@@ -257,8 +263,9 @@ def reference_loaders(config: ReferenceConfig, dataset: MMRecDataset) -> tuple:
 UNUSED_REFERENCE_PARAMETERS = ('image_embedding.', 'text_embedding.')
 
 
-def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
-    """Time the reference on `dataset` at the first point of the Baby grid: model construction,
+def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point, model_module: str,
+                            class_name: str) -> dict:
+    """Time the reference on `dataset` at our grid point `point`: model construction,
     `args.epochs` training epochs (its own loader and sampling) and valid + test evaluation.
 
     Returns:
@@ -266,10 +273,7 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
     """
     import time
     import torch
-    from configs import lirdrec as lirdrec_config
-    from lirdrec_jax import grid
-    ref = load_reference(checkout)
-    point = grid.expand_grid(lirdrec_config.get_config('baby'))[0].config
+    ref = load_reference(checkout, model_module, class_name)
     with tempfile.TemporaryDirectory(prefix='lirdrec_bench_ref_') as tmp:
         folder = Path(tmp) / dataset.name
         folder.mkdir()
@@ -279,7 +283,7 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args) -> dict:
         torch.manual_seed(0)
         start = time.perf_counter()
         train_data, valid_data, test_data = reference_loaders(config, dataset)
-        model = ref.LIRDRec(config, train_data)
+        model = ref.Model(config, train_data)
         construct = time.perf_counter() - start
         trainer = ref.Trainer(config, model)
         epoch_seconds = []

@@ -5,11 +5,11 @@ towers' work by item."""
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lirdrec_jax import bench, evaluation, parallel, sampling, sweep, train
-from lirdrec_jax.models import lirdrec
 from tests.test_train import point_config, tiny_dataset
 
 N_DEV = jax.device_count()
@@ -17,7 +17,7 @@ N_DEV = jax.device_count()
 
 @pytest.fixture(scope='module')
 def prepared():
-    return train.prepare_data(tiny_dataset())
+    return train.prepare_data(tiny_dataset(), 'lirdrec')
 
 
 def assert_same_training(one, many, rtol=1e-5):
@@ -100,25 +100,20 @@ def test_compiled_step_splits_the_towers_by_item():
     """Each device multiplies only its share of the items, and the towers' weight gradients are
     summed across devices; the features are never gathered whole."""
     prepared = train.prepare_data(bench.synthetic_dataset(200, 302, 1500, image_dim=256,
-                                                          text_dim=32))
+                                                          text_dim=32), 'lirdrec')
     cfg = point_config()
     p = parallel.Partitioner(N_DEV)
-    options = train.run_options(cfg)
     ds = prepared.dataset
-    model = train.create_model(cfg.model, ds.n_users, ds.n_items, p)
-    opt = train.optim.create_optimizer()
-    features = train.place_features(p, prepared.features, options)
-    graphs = train.place_graphs(p, lirdrec.Graphs(prepared.norm_adj, train.create_item_graph(
-        prepared, int(cfg.model.knn_k), 0.1)), options)
-    state = train.place_state(p, train.create_train_state(jax.random.PRNGKey(0), model, opt,
-                                                          features, graphs))
+    setup = train.setup_point(cfg, prepared, p)
     batches = sampling.epoch_batches(sampling.epoch_rng(0, 0), prepared.sampler, 64)
-    batch = train.Batch(*(a[0] for a in train.place_batches(p, batches)))
-    step = train.make_train_step(model, opt, p)
-    hlo = step.lower(state, batch, features, graphs,
-                     train.step_scalars(0.9, 0.1, 1e-3, 1e-3)).compile().as_text()
+    batch = sampling.EpochBatches(*(a[0] for a in train.place_batches(p, batches)))
+    step = train.make_epoch_fns(setup, p, 'last_batch').step
+    scalars = p.replicate(train.device_scalars({'w1': 0.9, 'w2': 0.1, 'learning_rate': 1e-3,
+                                                'reg_weight': 1e-3}))
+    hlo = step.lower(setup.state, batch, setup.frozen, None, scalars,
+                     p.replicate(setup.epoch_key), jnp.int32(0), None).compile().as_text()
     per_device = p.padded_count(ds.n_items) // N_DEV
-    d_image = prepared.features.image.shape[1]
+    d_image = prepared.model.features.image.shape[1]
     hidden = 4 * int(cfg.model.embedding_size)
     # Forward of the image tower's first layer on this device's items only.
     assert re.search(rf'f32\[{per_device},{hidden}\]\S* dot\(', hlo)

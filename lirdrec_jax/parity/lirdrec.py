@@ -1,5 +1,6 @@
-"""The parity procedure: build the reference and ours on the same data, copy the weights,
-compare every quantity that determines the numbers, then train both on identical batches.
+"""LIRDRec's parity against enoche/LIRDRec: build the reference and ours on the same data, copy
+the weights, compare every quantity that determines the numbers, then train both on identical
+batches.
 
 Tolerances are float32 tolerances, justified in docs/parity.md.
 """
@@ -12,11 +13,14 @@ import numpy as np
 import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 
-from lirdrec_jax import evaluation, graph, optim, sampling, train
+from lirdrec_jax import evaluation, graph, optim, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import lirdrec
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
+from lirdrec_jax.parity.common import (TopkCapture, compare_sparse, grads_by_reference_key,
+                                       knn_tie_rows, numpy_of, topk_check, torch_batch,
+                                       torch_sparse_to_scipy)
 
 # Tolerances (docs/parity.md explains each).
 TOL_GRAPH = 1e-6          # absolute, on normalised graph entries (values <= 1)
@@ -45,91 +49,19 @@ class ReferenceSide(NamedTuple):
 
 def reference_side(checkout) -> ReferenceSide:
     """The reference's own model and trainer, imported from the user's checkout."""
-    ref = reference.load_reference(checkout)
-    return ReferenceSide(ref.LIRDRec, ref.Trainer)
+    ref = reference.load_reference(checkout, 'lirdrec', 'LIRDRec')
+    return ReferenceSide(ref.Model, ref.Trainer)
 
 
-def torch_sparse_to_scipy(tensor) -> sp.csr_matrix:
-    t = tensor.coalesce()
-    idx = t.indices().numpy()
-    return sp.csr_matrix((t.values().double().numpy(), (idx[0], idx[1])), shape=tuple(t.shape))
-
-
-def compare_sparse(name: str, ours: sp.spmatrix, ref: sp.spmatrix, atol: float,
-                   allowed_rows: Optional[np.ndarray] = None) -> List[C.Check]:
-    """Structure (which entries exist) and values of two sparse matrices."""
-    ours, ref = sp.csr_matrix(ours), sp.csr_matrix(ref)
-    ours.sum_duplicates(), ref.sum_duplicates()
-    pattern_diff = (abs(ours.sign()) - abs(ref.sign())).tocsr()
-    pattern_diff.eliminate_zeros()
-    rows = np.unique(pattern_diff.tocoo().row)
-    note = f'{ref.nnz} entries'
-    if allowed_rows is not None:
-        unexplained = np.setdiff1d(rows, allowed_rows)
-        note += f', {rows.size} rows differ, all among {allowed_rows.size} rows with tied neighbours' \
-            if unexplained.size == 0 else f', {unexplained.size} rows differ without ties'
-        structure_ok = unexplained.size == 0
-    else:
-        structure_ok = rows.size == 0
-        note += f', {rows.size} rows differ' if rows.size else ''
-    structure = C.Check(f'{name}: structure', float(rows.size), 0.0, 'same entries'
-                        + (' (ties excepted)' if allowed_rows is not None else ''), structure_ok,
-                        note)
-    same_rows = np.setdiff1d(np.arange(ref.shape[0]), rows)
-    diff = abs(ours[same_rows] - ref[same_rows])
-    max_abs = float(diff.max()) if diff.nnz else 0.0
-    rel = diff.multiply(abs(ref[same_rows]).power(-1).tocsr().multiply(abs(ref[same_rows]) > 0))
-    values = C.Check(f'{name}: values', max_abs, float(rel.max()) if rel.nnz else 0.0,
-                     f'|d| <= {atol:g}', max_abs <= atol)
-    return [structure, values]
-
-
-def knn_tie_rows(features: np.ndarray, k: int, rel: float = 1e-6, block: int = 2048) -> np.ndarray:
-    """Rows whose k-th and (k+1)-th cosine similarities are within `rel`: their top-k set is
-    ambiguous in float32, so two correct implementations may pick different neighbours."""
-    x = np.asarray(features, np.float64)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    out = []
-    for start in range(0, unit.shape[0], block):
-        sim = unit[start:start + block] @ unit.T
-        top = -np.sort(-np.partition(-sim, k, axis=1)[:, :k + 1], axis=1)
-        gap = top[:, k - 1] - top[:, k]
-        out.append(np.flatnonzero(gap <= rel * np.maximum(np.abs(top[:, k - 1]), 1e-12)) + start)
-    return np.concatenate(out)
-
-
-def _numpy(t) -> np.ndarray:
-    return t.detach().cpu().numpy()
-
-
-def _grads_by_reference_key(model) -> dict:
-    return {k: _numpy(p.grad) for k, p in model.named_parameters() if p.grad is not None}
+def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point_cfg) -> dict:
+    """The benchmark's `--reference` (bench.py): the reference timed on the same data."""
+    return reference.run_reference_benchmark(checkout, dataset, args, point_cfg, 'lirdrec',
+                                             'LIRDRec')
 
 
 def _our_params_by_reference_key(params, dataset: MMRecDataset) -> dict:
     features = {'image': dataset.image_feat, 'text': dataset.text_feat}
     return convert.params_to_state_dict(jax.tree.map(np.asarray, params), features)
-
-
-def _torch_batch(batches: sampling.EpochBatches, b: int):
-    import torch
-    real = batches.weights[b] > 0
-    return torch.from_numpy(np.stack([batches.users[b][real], batches.positives[b][real],
-                                      batches.negatives[b][real]]).astype(np.int64))
-
-
-class _TopkCapture:
-    """Wraps the reference evaluator to keep the top-k lists it is given."""
-
-    def __init__(self, trainer):
-        self.trainer, self.lists = trainer, None
-        self._inner = trainer.evaluator.evaluate
-        trainer.evaluator.evaluate = self
-
-    def __call__(self, batch_matrix_list, eval_data, *args, **kwargs):
-        import torch
-        self.lists = torch.cat(batch_matrix_list, 0).numpy()
-        return self._inner(batch_matrix_list, eval_data, *args, **kwargs)
 
 
 def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_dir,
@@ -142,7 +74,7 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
     log('building the reference model ...')
     ref_model, ref_cfg, staging = reference.build_reference_model(
         None, point_cfg, dataset, dataset_dir, seed=seed, model_class=side.model_class)
-    prepared = train.prepare_data(dataset)
+    prepared = train.prepare_data(dataset, 'lirdrec')
 
     # Graphs.
     log('comparing graphs ...')
@@ -161,17 +93,22 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
     # Downstream checks use the reference's kNN graph, so that tied neighbour choices (both
     # correct) do not show up as differences in every later quantity.
     item_graph = jsparse.BCOO.from_scipy_sparse(ref_knn.astype(np.float32))
-    graphs = lirdrec.Graphs(prepared.norm_adj, item_graph)
-    results.append(C.compare('DCT view features', prepared.features.spectral,
-                             _numpy(ref_model.interleaved_feat), atol=TOL_DCT))
+    results.append(C.compare('DCT view features', prepared.model.features.spectral,
+                             numpy_of(ref_model.interleaved_feat), atol=TOL_DCT))
+    # Likewise the reference's DCT view (float32 FFTs, ours float64; compared just above): a
+    # tower unit whose pre-activation is within that rounding of zero would otherwise take the
+    # other side of leaky_relu's kink on one side only, and its weight gradient would differ by
+    # the full slope difference.
+    features = prepared.model.features._replace(
+        spectral=jnp.asarray(numpy_of(ref_model.interleaved_feat), jnp.float32))
+    frozen = lirdrec.Frozen(features, prepared.model.user_item, item_graph)
 
     # Weights.
-    model = train.create_model(m, dataset.n_users, dataset.n_items)
+    model = lirdrec.create(m, dataset.n_users, dataset.n_items)
     optimizer = optim.create_optimizer(float(o.weight_decay))
-    template = train.create_train_state(jax.random.PRNGKey(seed), model, optimizer,
-                                        prepared.features, graphs).params
+    template, _ = lirdrec.init(jax.random.PRNGKey(seed), model, frozen, frozen)
     params = convert.state_dict_to_params(
-        {k: _numpy(v) for k, v in ref_model.state_dict().items()}, template,
+        {k: numpy_of(v) for k, v in ref_model.state_dict().items()}, template,
         features={'image': dataset.image_feat, 'text': dataset.text_feat})
     params = jax.tree.map(jnp.asarray, params)
     # Export: our params as a state_dict that the reference model loads with strict=True.
@@ -180,26 +117,26 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
     probe = copy.deepcopy(ref_model)
     probe.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
     results.append(C.exact('export: state_dict loaded by the reference (strict)',
-                           np.concatenate([_numpy(v).ravel() for v in probe.state_dict().values()]),
-                           np.concatenate([_numpy(v).ravel()
+                           np.concatenate([numpy_of(v).ravel() for v in probe.state_dict().values()]),
+                           np.concatenate([numpy_of(v).ravel()
                                            for v in ref_model.state_dict().values()])))
     del probe
 
     # The train step donates its input state: each phase gets its own copy of the weights.
     fresh = lambda: jax.tree.map(jnp.array, params)
     results += _single_step_checks(side, copy.deepcopy(ref_model), ref_cfg, model, optimizer,
-                                   fresh(), prepared, graphs, point_cfg, seed, log)
+                                   fresh(), prepared, frozen, point_cfg, seed, log)
     if float(m.dropout) > 0:
         results.append(C.Check('training epochs', float('nan'), float('nan'), 'skipped', True,
                                'dropout > 0 draws different edges on each side'))
     else:
         results += _training_checks(side, ref_model, ref_cfg, model, optimizer, fresh(),
-                                    prepared, graphs, point_cfg, epochs, seed, log)
+                                    prepared, frozen, point_cfg, epochs, seed, log)
     staging.cleanup()
     return results
 
 
-def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prepared, graphs,
+def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prepared, frozen,
                         point_cfg, seed, log) -> List[C.Check]:
     import torch
     m, o = point_cfg.model, point_cfg.optim
@@ -213,29 +150,32 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
                          [ref_model.fusion_module.w1, ref_model.fusion_module.w2], atol=1e-12))
     with torch.no_grad():
         ref_u, ref_i = ref_model.forward(ref_model.masked_adj)
-    ref_att = _numpy(ref_model.fusion_module.last_att)
-    users, items, att = model.apply({'params': params}, prepared.features, graphs, w1, w2)
-    out.append(C.compare('forward: user embeddings', users, _numpy(ref_u), atol=TOL_EMB,
+    ref_att = numpy_of(ref_model.fusion_module.last_att)
+    graphs = lirdrec.Graphs(frozen.user_item, frozen.item_item)
+    users, items, att = model.apply({'params': params}, frozen.features, graphs, w1, w2)
+    out.append(C.compare('forward: user embeddings', users, numpy_of(ref_u), atol=TOL_EMB,
                          scale_atol_by_ref_max=True))
-    out.append(C.compare('forward: item embeddings', items, _numpy(ref_i), atol=TOL_EMB,
+    out.append(C.compare('forward: item embeddings', items, numpy_of(ref_i), atol=TOL_EMB,
                          scale_atol_by_ref_max=True))
     out.append(C.compare('forward: PWC attention', att, ref_att, atol=TOL_ATT))
 
     # Loss and gradients on the first batch of epoch 0.
     batches = sampling.epoch_batches(sampling.epoch_rng(seed, 0), prepared.sampler,
                                      int(point_cfg.train.batch_size))
-    ref_batch = _torch_batch(batches, 0)
+    ref_batch = torch_batch(batches, 0)
     trainer = side.make_trainer(ref_cfg, ref_model)
     trainer.optimizer.zero_grad()
     ref_loss = ref_model.calculate_loss(ref_batch)
     ref_loss.backward()
-    ref_grads = _grads_by_reference_key(ref_model)
-    batch = train.Batch(*(jnp.asarray(a[0]) for a in batches))
-    scalars = train.StepScalars(*(jnp.float32(v) for v in
-                                  (w1, w2, float(o.learning_rate), float(m.reg_weight))))
-    (loss, (_, _, batch_att)), grads = jax.value_and_grad(train.make_loss_fn(model),
-                                                          has_aux=True)(
-        params, batch, prepared.features, graphs, scalars)
+    ref_grads = grads_by_reference_key(ref_model)
+    batch = sampling.EpochBatches(*(jnp.asarray(a[0]) for a in batches))
+    scalars = train.device_scalars({'w1': w1, 'w2': w2, 'reg_weight': float(m.reg_weight),
+                                    'learning_rate': float(o.learning_rate)})
+    carry = lirdrec.init(jax.random.PRNGKey(0), model, frozen, frozen)[1]
+    (loss, batch_carry), grads = jax.value_and_grad(train.make_loss_fn(lirdrec.MODEL, model),
+                                                    has_aux=True)(
+        params, carry, batch, frozen, None, scalars, None)
+    batch_att = batch_carry.attention
     out.append(C.compare('loss on one batch', float(loss), ref_loss.item(), atol=0,
                          rtol=TOL_LOSS))
     our_grads = _our_params_by_reference_key(grads, ds)
@@ -257,7 +197,7 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
         # gradients imply, plus float32 rounding of the parameter and 1e-3 lr.
         u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
         u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
-        p_ref = _numpy(p)
+        p_ref = numpy_of(p)
         bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
         out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
                                   f'|d| <= {TOL_STEP:g} lr + implied'))
@@ -270,92 +210,80 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
     w1b, w2b = lirdrec.pwc_weights_for_epoch(w1, w2, 2, float(m.decay_base))
     out.append(C.compare('PWC w1, w2 at epoch 2', [w1b, w2b],
                          [ref_model.fusion_module.w1, ref_model.fusion_module.w2], atol=1e-12))
-    theta = train.with_theta(after, batch_att)['fusion']['theta']
+    theta = lirdrec.with_theta(after, batch_att)['fusion']['theta']
     out.append(C.compare('epoch boundary: theta <- last attention', theta,
-                         _numpy(ref_model.fusion_module.theta), atol=TOL_ATT))
+                         numpy_of(ref_model.fusion_module.theta), atol=TOL_ATT))
 
     # Top-k lists and metrics from identical embeddings (the reference's forward above).
-    capture = _TopkCapture(trainer)
+    capture = TopkCapture(trainer)
     ref_model.result_embed = torch.cat((ref_u, ref_i), 0)
     for name, split in (('valid', prepared.valid), ('test', prepared.test)):
         ref_metrics = trainer.evaluate(reference.ReferenceEvalData(split,
                                                                    int(point_cfg.eval.batch_size)))
-        ours_topk = evaluation.full_sort_topk(_numpy(ref_u), _numpy(ref_i), split,
+        ours_topk = evaluation.full_sort_topk(numpy_of(ref_u), numpy_of(ref_i), split,
                                               k=max(point_cfg.eval.topk))
         ours_metrics = evaluation.topk_metrics(evaluation.hit_matrix(ours_topk, split),
                                                split.pos_len, metrics=point_cfg.eval.metrics,
                                                ks=point_cfg.eval.topk)
-        out.append(_topk_check(f'{name} top-{ours_topk.shape[1]} lists', ours_topk, capture.lists,
-                               _numpy(ref_u)[split.users], _numpy(ref_i)))
+        out.append(topk_check(f'{name} top-{ours_topk.shape[1]} lists', ours_topk, capture.lists,
+                               numpy_of(ref_u)[split.users], numpy_of(ref_i)))
         out.append(C.metrics_check(f'{name} metrics, same embeddings', ours_metrics,
                                    {k.lower(): v for k, v in ref_metrics.items()},
                                    atol=TOL_METRIC_SAME_EMB))
     return out
 
 
-def _topk_check(name, ours, ref, users, items) -> C.Check:
-    """Identical lists, except where two items' scores are within float32 rounding."""
-    differ = np.flatnonzero((ours != ref).any(axis=1))
-    unexplained = 0
-    for row in differ:
-        col = int(np.flatnonzero(ours[row] != ref[row])[0])
-        s = items @ users[row].astype(np.float64)
-        a, b = s[ours[row, col]], s[ref[row, col]]
-        if abs(a - b) > 1e-5 * max(abs(a), abs(b), 1e-12):
-            unexplained += 1
-    return C.Check(name, float(differ.size), 0.0, 'equal up to float32 ties', unexplained == 0,
-                   f'{differ.size} of {ours.shape[0]} lists differ'
-                   + (f', {unexplained} not explained by near-equal scores' if unexplained
-                      else (', all at near-equal scores' if differ.size else '')))
-
-
-def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepared, graphs,
+def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepared, frozen,
                      point_cfg, epochs, seed, log) -> List[C.Check]:
     m, o, t, e = point_cfg.model, point_cfg.optim, point_cfg.train, point_cfg.eval
     out: List[C.Check] = []
     trainer = side.make_trainer(ref_cfg, ref_model)
-    state = train.TrainState(params, optimizer.init(params), params['fusion']['theta'],
-                             jnp.zeros((prepared.dataset.n_users, 3 * model.dim)),
-                             jnp.zeros((prepared.dataset.n_items, 3 * model.dim)))
-    step = train.make_train_step(model, optimizer)
-    w1, w2 = float(m.decay_weight), 1.0 - float(m.decay_weight)
+    partitioner = parallel.Partitioner(num_devices=1)
+    carry = lirdrec.init(jax.random.PRNGKey(0), model, frozen, frozen)[1]
+    state = train.TrainState(params, optimizer.init(params),
+                             carry._replace(attention=params['fusion']['theta']))
+    key = jax.random.PRNGKey(seed)
+    setup = train.PointSetup(lirdrec.MODEL, model, optimizer, train.RunOptions(), frozen, frozen,
+                             state, key, key)
+    fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
+    host = lirdrec.host_init(m)
     metrics, ks = tuple(e.metrics), tuple(e.topk)
     lr_sum = 0.0  # sum of the learning rates of all steps so far
     for epoch in range(epochs):
         log(f'training epoch {epoch} on both sides ...')
         ref_model.pre_epoch_processing()
-        w1, w2 = lirdrec.pwc_weights_for_epoch(w1, w2, epoch + 1, float(m.decay_base))
-        state = state._replace(params=train.with_theta(state.params, state.attention))
+        host, scalars = train.epoch_scalars(lirdrec.MODEL, point_cfg, host, epoch)
+        w1, w2, lr = scalars['w1'], scalars['w2'], scalars['learning_rate']
+        state = fns.start_epoch(state, None)
         if epoch > 0:
             out.append(C.compare(f'epoch {epoch} start: PWC w1, w2', [w1, w2],
                                  [ref_model.fusion_module.w1, ref_model.fusion_module.w2],
                                  atol=1e-12))
             out.append(C.compare(f'epoch {epoch} start: theta (last attention)',
                                  state.params['fusion']['theta'],
-                                 _numpy(ref_model.fusion_module.theta),
+                                 numpy_of(ref_model.fusion_module.theta),
                                  atol=ADAM_DRIFT * lr_sum, note='trajectory drift'))
         batches = sampling.epoch_batches(sampling.epoch_rng(seed, epoch), prepared.sampler,
                                          int(t.batch_size))
-        ref_loss, _ = trainer._train_epoch([_torch_batch(batches, b)
+        ref_loss, _ = trainer._train_epoch([torch_batch(batches, b)
                                             for b in range(batches.users.shape[0])], epoch)
         trainer.lr_scheduler.step()
-        lr = optim.learning_rate_at(epoch, float(o.learning_rate), float(o.lr_decay_factor),
-                                    float(o.lr_decay_epochs))
-        scalars = train.StepScalars(*(jnp.float32(v) for v in (w1, w2, lr, float(m.reg_weight))))
-        state, loss = train.run_epoch(step, state, batches, prepared.features, graphs, scalars,
-                                      epoch)
+        state, step_losses = train.run_epoch(fns, state, batches, frozen, None,
+                                             train.device_scalars(scalars), key, None, epoch,
+                                             partitioner, scan=False)
+        loss = train.summed_loss(step_losses, epoch)
         lr_sum += lr * batches.users.shape[0]
         out.append(C.compare(f'epoch {epoch}: summed training loss', loss, float(ref_loss),
                              atol=0, rtol=TOL_EPOCH_LOSS))
         for name, split in (('valid', prepared.valid), ('test', prepared.test)):
             ref_metrics = trainer.evaluate(reference.ReferenceEvalData(split, int(e.batch_size)))
-            ours = evaluation.evaluate_full_sort(state.user_emb, state.item_emb, split,
+            ours = evaluation.evaluate_full_sort(state.carry.user_emb, state.carry.item_emb, split,
                                                  metrics=metrics, ks=ks)
             out.append(C.metrics_check(f'epoch {epoch}: {name} metrics', ours,
                                        {k.lower(): v for k, v in ref_metrics.items()},
                                        atol=TOL_METRIC_TRAINED))
     ours_params = _our_params_by_reference_key(state.params, prepared.dataset)
-    worst = max((float(np.abs(ours_params[k] - _numpy(p)).max()), k)
+    worst = max((float(np.abs(ours_params[k] - numpy_of(p)).max()), k)
                 for k, p in ref_model.named_parameters() if k in convert.PARAM_TABLE)
     out.append(C.Check(f'parameters after {epochs} epochs', worst[0], 0.0,
                        f'|d| <= {ADAM_DRIFT:g} * sum(lr)', worst[0] <= ADAM_DRIFT * lr_sum,

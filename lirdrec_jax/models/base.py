@@ -1,0 +1,133 @@
+"""The model interface: what a model module provides to the generic trainer, sweep, benchmark
+and parity driver.
+
+A model is one module under `lirdrec_jax/models/` that ends with `MODEL = Model(...)`, built
+from plain functions over explicit state (nothing is stashed on modules), and one line in the
+registry (`lirdrec_jax/models/__init__.py`). The generic code calls these functions and
+nothing else of the model; it never names a model.
+
+The pieces of state, and who owns them:
+- `params`: the trainable pytree (Adam updates it).
+- `carry`: a device pytree that one step hands to the next and that checkpoints save, e.g.
+  LIRDRec's fusion attention of the last batch and the embeddings of the last forward (which
+  the reference evaluates on). Models without one use `()`.
+- `host`: a JSON-able dict of the model's host-side state (saved in every checkpoint), e.g.
+  LIRDRec's PWC weights w1/w2, a KL-annealing counter.
+- `scalars`: a dict of float32 scalars of one epoch (from the host state and the config),
+  passed into the compiled step as arrays so that changing them never recompiles; a vmapped
+  sweep stacks them per point. The trainer adds `learning_rate` itself.
+- `frozen`: the point's frozen inputs on the devices (feature views, the kNN item graph, the
+  full normalised adjacency), placed once by `place_frozen`.
+- `epoch_inputs`: inputs redrawn every epoch on the host (an edge-pruned graph, ...), or
+  `None`. Every array leaf is replicated on the devices; sparse matrices (BCOO) are converted
+  to the run's sparse-product operand first (`graph.spmm_operand`).
+
+Batches: `batch_kind` names the sampler that feeds the model (`sampling.BATCH_KINDS`): the
+trainer draws an epoch of batches of that kind and never looks inside them.
+"""
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+
+# (ok, 'section.field', 'what was expected'): one check of a config value.
+ConfigCheck = Tuple[bool, str, str]
+
+
+class ProblemSize(NamedTuple):
+    """The sizes an analytic FLOP count needs (`Model.flops_per_batch`).
+
+    Attributes:
+      n_users, n_items: the dataset's counts.
+      n_train: training interactions (rows of the `.inter` file with x_label 0).
+      batch_size: rows per training batch.
+      feature_dims: the widths of the item feature tables, image first ((4096, 384)).
+    """
+    n_users: int
+    n_items: int
+    n_train: int
+    batch_size: int
+    feature_dims: Tuple[int, ...]
+
+
+class ParityHooks(NamedTuple):
+    """What the parity driver needs of a model (see `lirdrec_jax/parity/`).
+
+    Attributes:
+      module: the model's parity module (`lirdrec_jax.parity.<name>`), imported lazily by the
+        driver, because it needs torch.
+      reference_repo: the GitHub repository of the reference ('enoche/LIRDRec').
+    """
+    module: str
+    reference_repo: str
+
+
+class Model(NamedTuple):
+    """A model of the family, as the generic code sees it.
+
+    Attributes:
+      name: its registry key (`config.model_name`).
+      batch_kind: the sampler that feeds it (`sampling.BATCH_KINDS`), e.g. 'bpr'.
+      sweep_fields: 'model.<field>' names that a vmapped sweep may vary between points (they
+        must reach the step only through `scalars` or the values of `frozen`).
+      config_checks: `(cfg, n_users, n_items) -> [ConfigCheck]`: every check of the point's
+        config that is the model's business (its `model` section, and the meaning it gives to
+        generic fields such as `eval.embeddings`) and needs no data beyond the counts.
+      static_key: `(model_cfg) -> str`: what else must agree for points to share one compiled
+        program besides the non-swept fields (e.g. which modalities a graph has entries for).
+      prepare: `(dataset) -> prepared`: host-side work shared by every point of a dataset
+        (feature views, adjacency, sampling weights).
+      frozen_inputs: `(prepared, dataset, model_cfg) -> host pytree`: a point's frozen inputs
+        (e.g. its kNN item graph).
+      place_frozen: `(frozen, partitioner, options) -> device pytree`.
+      create: `(model_cfg, n_users, n_items, layout) -> net`: the static, hashable description
+        of the computation (a Flax module). `layout` is `Partitioner.layout_hook()`.
+      init: `(key, net, frozen, host_frozen) -> (params, carry)`; `host_frozen` is the
+        unplaced pytree (for parameters initialised from data).
+      host_init: `(model_cfg) -> host`.
+      epoch_schedule: `(model_cfg, host, epoch) -> (host, scalars)`: the start of epoch
+        `epoch` (0-based) on the host.
+      epoch_inputs: `(prepared, model_cfg, key, epoch) -> pytree or None`: inputs redrawn for
+        the epoch (`key` is the point's, folded with the epoch).
+      start_epoch: `(params, carry) -> (params, carry)`: the start of an epoch on the device
+        (pure; e.g. LIRDRec's theta overwrite).
+      loss: `(net, params, carry, batch, frozen, epoch_inputs, scalars, rng) -> (loss, carry)`:
+        the training loss of one batch and the carry for the next step. `rng` is a fresh key
+        per step (for models that draw noise in their forward pass).
+      eval_embeddings: `(net, params, carry, frozen, epoch_inputs, scalars, eval_cfg) ->
+        (users (n_users, d), items (n_items, d))`: what full-sort evaluation scores with.
+      flops_per_batch: optional `(model_cfg, size: ProblemSize) -> float`: the analytic FLOP
+        count of one training step (the benchmark's floor).
+      parity: optional `ParityHooks`.
+    """
+    name: str
+    batch_kind: str
+    sweep_fields: Sequence[str]
+    config_checks: Callable[..., list]
+    static_key: Callable[[Any], str]
+    prepare: Callable
+    frozen_inputs: Callable
+    place_frozen: Callable
+    create: Callable
+    init: Callable
+    host_init: Callable
+    epoch_schedule: Callable
+    epoch_inputs: Callable
+    start_epoch: Callable
+    loss: Callable
+    eval_embeddings: Callable
+    flops_per_batch: Optional[Callable] = None
+    parity: Optional[ParityHooks] = None
+
+
+def no_epoch_inputs(prepared, model_cfg, key, epoch):
+    """For models whose inputs never change between epochs."""
+    del prepared, model_cfg, key, epoch
+    return None
+
+
+def keep_state(params, carry):
+    """For models with nothing to do on the device at the start of an epoch."""
+    return params, carry
+
+
+def no_static_key(model_cfg) -> str:
+    del model_cfg
+    return ''
