@@ -73,12 +73,15 @@ class Model(NamedTuple):
       static_key: `(model_cfg) -> str`: what else must agree for points to share one compiled
         program besides the non-swept fields (e.g. which modalities a graph has entries for).
       prepare: `(dataset) -> prepared`: host-side work shared by every point of a dataset
-        (feature views, adjacency, sampling weights).
+        (feature views, adjacency, and what per-epoch sampling draws from, such as the
+        training edges and their weights: `epoch_inputs` receives `prepared`).
       frozen_inputs: `(prepared, dataset, model_cfg) -> host pytree`: a point's frozen inputs
         (e.g. its kNN item graph).
-      place_frozen: `(frozen, partitioner, options) -> device pytree`.
+      place_frozen: `(frozen, partitioner, options) -> device pytree`; it may drop host-only
+        leaves that only `init` reads (e.g. tables that become parameters).
       create: `(model_cfg, n_users, n_items, layout) -> net`: the static, hashable description
-        of the computation (a Flax module). `layout` is `Partitioner.layout_hook()`.
+        of the computation (a Flax module, or a NamedTuple of sizes for plain functions).
+        `layout` is `Partitioner.layout_hook()`.
       init: `(key, net, frozen, host_frozen) -> (params, carry)`; `host_frozen` is the
         unplaced pytree (for parameters initialised from data).
       host_init: `(model_cfg) -> host`.
@@ -91,8 +94,10 @@ class Model(NamedTuple):
       loss: `(net, params, carry, batch, frozen, epoch_inputs, scalars, rng) -> (loss, carry)`:
         the training loss of one batch and the carry for the next step. `rng` is a fresh key
         per step (for models that draw noise in their forward pass).
-      eval_embeddings: `(net, params, carry, frozen, epoch_inputs, scalars, eval_cfg) ->
-        (users (n_users, d), items (n_items, d))`: what full-sort evaluation scores with.
+      eval_embeddings: `(net, params, carry, frozen, epoch_inputs, scalars, eval_mode) ->
+        (users (n_users, d), items (n_items, d))`: what full-sort evaluation scores with;
+        `eval_mode` is the config's `eval.embeddings` ('last_batch' when absent), which a model
+        may ignore.
       flops_per_batch: optional `(model_cfg, size: ProblemSize) -> float`: the analytic FLOP
         count of one training step (the benchmark's floor).
       parity: optional `ParityHooks`.
