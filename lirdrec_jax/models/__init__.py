@@ -2,10 +2,11 @@
 
 One explicit table; adding a model is one module under this folder and one line here.
 """
-from lirdrec_jax.models import base, lirdrec
+from lirdrec_jax.models import base, freedom, lirdrec
 
 REGISTRY = {
     'lirdrec': lirdrec.MODEL,
+    'freedom': freedom.MODEL,
 }
 
 
