@@ -110,3 +110,27 @@ def topk_check(name, ours, ref, users, items) -> C.Check:
                    f'{differ.size} of {ours.shape[0]} lists differ'
                    + (f', {unexplained} not explained by near-equal scores' if unexplained
                       else (', all at near-equal scores' if differ.size else '')))
+
+
+def reference_grads_in_float64(model, loss_of: Callable) -> dict:
+    """The gradients of `loss_of(copy)` for a float64 copy of a torch model: its parameters and
+    every float32 tensor it holds as a plain attribute (graphs, features, cached state). The
+    arbiter when a float32 gradient of ours and of the reference differ: both are compared
+    with the reference's own math without float32 rounding."""
+    import copy
+    import torch
+    # Tensors cached with autograd history (the last forward's) cannot be deep-copied: copy
+    # their values (the model itself is left untouched).
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if torch.is_tensor(value) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    twin = copy.deepcopy(model, memo).double()
+    for module in twin.modules():
+        for name, value in list(vars(module).items()):
+            if torch.is_tensor(value) and value.dtype == torch.float32:
+                setattr(module, name, value.double())
+    twin.zero_grad()
+    loss_of(twin).backward()
+    return {k: p.grad.detach().numpy() for k, p in twin.named_parameters() if p.grad is not None}
