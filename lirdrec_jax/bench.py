@@ -324,9 +324,10 @@ def format_report(r: dict) -> str:
     if 'reference' in r:
         lines += ['', _reference_table(r, r['reference'])]
     if r['backend'] == 'cpu':
-        lines += ['', 'On a GPU/TPU the same command uses every local device (item features '
-                  'and tower work split over them, users split for evaluation), reports peak '
-                  'device memory, and measures the floor on the device.']
+        lines += ['', 'On a GPU/TPU the same command uses every local device (the model places '
+                  'its inputs, e.g. LIRDRec splits item features and tower work over them; '
+                  'users are split for evaluation), reports peak device memory, and measures '
+                  'the floor on the device.']
     return '\n'.join(lines)
 
 
