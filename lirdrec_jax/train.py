@@ -232,12 +232,11 @@ def place_epoch_inputs(partitioner: parallel.Partitioner, epoch_inputs, options:
                                                    options.spmm_chunk_size))
 
 
-def place_batches(partitioner: parallel.Partitioner, batches, axis: int = -1):
-    """An epoch's host batch arrays on the devices, each batch split over them along its row
-    axis (`axis`; zero-weight padding rows up to a multiple of the device count: the loss is
+def place_batches(partitioner: parallel.Partitioner, batches):
+    """An epoch's host batch arrays on the devices, each batch split over them along its rows
+    (the last axis; zero-weight padding rows up to a multiple of the device count: the loss is
     unchanged)."""
-    return type(batches)(*(partitioner.split(a, axis=a.ndim + axis if axis < 0 else axis)
-                           for a in batches))
+    return type(batches)(*(partitioner.split(a, axis=a.ndim - 1) for a in batches))
 
 
 def epoch_scalars(model: base.Model, cfg, host: dict, epoch: int) -> tuple:
@@ -356,11 +355,10 @@ def summed_loss(step_losses: np.ndarray, epoch: int) -> float:
 
 
 def run_epoch(fns: EpochFns, state: TrainState, batches, frozen, epoch_inputs, scalars, key,
-              active, epoch: int, partitioner: parallel.Partitioner, scan: bool,
-              batch_axis: int = -1) -> tuple:
+              active, epoch: int, partitioner: parallel.Partitioner, scan: bool) -> tuple:
     """All batches of one epoch (placed here), in one compiled scan or one dispatch per batch
     (with progress lines). Returns (state, (n_batches, ...) host losses)."""
-    on_device = place_batches(partitioner, batches, batch_axis)
+    on_device = place_batches(partitioner, batches)
     if scan:
         state, losses = fns.epoch(state, on_device, frozen, epoch_inputs, scalars, key, active)
         return state, partitioner.to_host(losses)

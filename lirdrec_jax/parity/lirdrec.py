@@ -53,6 +53,21 @@ def reference_side(checkout) -> ReferenceSide:
     return ReferenceSide(ref.Model, ref.Trainer)
 
 
+def reference_model_config(point_cfg) -> dict:
+    """LIRDRec's own keys of the reference's config dict (`reference.reference_config` adds the
+    framework's), from one of our grid points (scalars)."""
+    m, o = point_cfg.model, point_cfg.optim
+    return {
+        'model': 'LIRDRec', 'use_gpu': False,
+        'embedding_size': m.embedding_size, 'feat_embed_dim': m.embedding_size,
+        'knn_k': m.knn_k, 'lambda_coeff': 0.9, 'cf_model': None, 'n_mm_layers': m.n_mm_layers,
+        'n_ui_layers': m.n_ui_layers, 'reg_weight': m.reg_weight,
+        'mm_image_weight': m.mm_image_weight, 'dropout': m.dropout, 'degree_ratio': None,
+        'decay_base': m.decay_base, 'decay_weight': m.decay_weight,
+        'weight_decay': o.weight_decay,
+    }
+
+
 def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point_cfg) -> dict:
     """The benchmark's `--reference` (bench.py): the reference timed on the same data."""
     return reference.run_reference_benchmark(checkout, dataset, args, point_cfg, 'lirdrec',
@@ -249,8 +264,10 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
     state = train.TrainState(params, optimizer.init(params),
                              carry._replace(attention=params['fusion']['theta']))
     key = jax.random.PRNGKey(seed)
-    setup = train.PointSetup(lirdrec.MODEL, model, optimizer, train.RunOptions(), frozen, frozen,
-                             state, key, key)
+    # The trainer's own set-up, with the imported weights and the reference's kNN graph.
+    setup = train.setup_point(point_cfg, prepared, partitioner)._replace(
+        net=model, optimizer=optimizer, frozen_host=frozen, frozen=frozen, state=state,
+        key=key, epoch_key=key)
     fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
     host = lirdrec.host_init(m)
     metrics, ks = tuple(e.metrics), tuple(e.topk)
