@@ -24,22 +24,14 @@ and its learning-rate factor is 1.0 (a constant rate); both are reproduced below
 """
 import ml_collections
 
-MMREC_DATASETS = ('baby', 'sports', 'clothing', 'elec', 'microlens')
+from configs import common
+
+MMREC_DATASETS = common.MMREC_DATASETS
 
 
 def base_config() -> ml_collections.ConfigDict:
     """The reference's settings (MMRec overall.yaml + FREEDOM.yaml)."""
-    c = ml_collections.ConfigDict()
-    c.model_name = 'freedom'
-
-    c.data = ml_collections.ConfigDict()
-    c.data.dataset = 'synthetic'
-    c.data.data_dir = ''            # folder holding <dataset>/<dataset>.inter; '' = embedded data
-    c.data.image_file = 'image_feat.npy'  # '' = not used; FREEDOM needs at least one of the two
-    c.data.text_file = 'text_feat.npy'
-    c.data.cache_dir = ''           # where the converted arrays go; '' = <data_dir>/<dataset>/.lirdrec_jax_cache
-
-    c.model = ml_collections.ConfigDict()
+    c = common.base('freedom', learning_rate=0.001)
     c.model.embedding_size = 64     # ID embeddings and the feature projections (feat_embed_dim)
     c.model.knn_k = 10
     c.model.n_ui_layers = 2
@@ -48,47 +40,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = (0.8,)        # fraction of training edges dropped each epoch
     c.model.reg_weight = (0.001,)   # weight of the two feature-projection BPR terms
     c.model.cpu_dot = 'xla'         # XLA:CPU GEMM kernels of the training step: 'xla' or 'eigen'
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = (0.001,)
-    c.optim.lr_decay_factor = 1.0   # lr * factor ** (epoch / lr_decay_epochs); the reference's [1.0, 50]
-    c.optim.lr_decay_epochs = 50.0
-    c.optim.weight_decay = 0.0      # the reference's Adam has none
-
-    c.train = ml_collections.ConfigDict()
-    c.train.epochs = 1000
-    c.train.batch_size = 2048
-    c.train.stopping_step = 20
-    c.train.eval_step = 1
-    c.train.seed = (999,)
-    c.train.scan_epoch = True       # an epoch's batches in one compiled lax.scan (False: one dispatch per batch)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = ('recall', 'ndcg', 'precision', 'map')
-    c.eval.topk = (5, 10, 20, 50)
-    c.eval.valid_metric = 'recall@20'
-    c.eval.batch_size = 512         # users per device and dispatch; results do not depend on it
-
-    c.graph = ml_collections.ConfigDict()
-    c.graph.spmm_impl = 'bcoo'      # 'bcoo' (jax.experimental.sparse) or 'segment_sum' (chunked)
-    c.graph.spmm_chunk_size = -1    # segment_sum: entries per chunk; -1 = 4096 on CPU, one chunk on GPU/TPU
-
-    c.parallel = ml_collections.ConfigDict()
-    c.parallel.num_devices = 0      # 0 = every device (of every process)
-    c.parallel.shard_items = True   # FREEDOM has no item-split inputs; kept for the shared trainer
-    c.parallel.distributed = 'auto'  # jax.distributed.initialize(): 'auto', 'on', 'off'
-
-    c.sweep = ml_collections.ConfigDict()
-    c.sweep.mode = 'sequential'     # 'vmapped': points that differ only in reg_weight train side by side
-    c.sweep.max_points = 0          # at most this many points per vmapped group (0 = no limit)
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.output_dir = 'checkpoints'
-    c.checkpoint.run_name = ''      # '' = <model>-<dataset>-<timestamp> (resume: the latest such)
-    c.checkpoint.keep_last = 2
-    c.resume = False
-
-    c.hyper_parameters = ('train.seed',)
     return c
 
 
@@ -108,9 +59,7 @@ def _dataset_config(arg: str) -> ml_collections.ConfigDict:
         # reg_weight, 0.4498-0.4500 for dropout 0.9 at reg_weight <= 1e-4 and 0.4704 for
         # dropout 0.9 at 1e-3 (test 0.4760 there, 0.4712 here): a tie within noise.
         return c
-    if arg not in MMREC_DATASETS:
-        raise ValueError(f'unknown config variant {arg!r}; expected one of '
-                         f'synthetic, {", ".join(MMREC_DATASETS)}')
+    common.check_variant(arg)
     c.data.dataset = arg
     # The reference's grid (FREEDOM.yaml: hyper_parameters ["dropout", "reg_weight"]), with the
     # seed last, as its configurator appends it.

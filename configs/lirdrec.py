@@ -21,27 +21,14 @@ passes weight_decay to the optimiser, so those runs are identical; we leave it o
 """
 import ml_collections
 
-MMREC_DATASETS = ('baby', 'sports', 'clothing', 'elec', 'microlens')
+from configs import common
+
+MMREC_DATASETS = common.MMREC_DATASETS
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The reference's settings (MMRec overall.yaml + LIRDRec.yaml).
-
-    The fields that the reference sweeps hold tuples (one value here), so that any of them can
-    be given several values from the command line, e.g. --config.model.reg_weight="(0.01,0.001)"
-    together with a `hyper_parameters` that names it.
-    """
-    c = ml_collections.ConfigDict()
-    c.model_name = 'lirdrec'
-
-    c.data = ml_collections.ConfigDict()
-    c.data.dataset = 'synthetic'
-    c.data.data_dir = ''            # folder holding <dataset>/<dataset>.inter; '' = embedded data
-    c.data.image_file = 'image_feat.npy'
-    c.data.text_file = 'text_feat.npy'
-    c.data.cache_dir = ''           # where the converted arrays go; '' = <data_dir>/<dataset>/.lirdrec_jax_cache
-
-    c.model = ml_collections.ConfigDict()
+    """The reference's settings (MMRec overall.yaml + LIRDRec.yaml)."""
+    c = common.base('lirdrec', learning_rate=0.0001)
     c.model.embedding_size = 64
     c.model.knn_k = 10
     c.model.n_ui_layers = (2,)
@@ -60,48 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.matmul_dtype = 'float32'
     c.model.transposed_features = False  # transposed feature copies for the towers' weight gradients
     c.model.cpu_dot = 'xla'         # XLA:CPU GEMM kernels of the training step: 'xla' (its choice) or 'eigen'
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = (0.0001,)
-    c.optim.lr_decay_factor = 1.0   # lr * factor ** (epoch / lr_decay_epochs); the reference's [1.0, 50]
-    c.optim.lr_decay_epochs = 50.0
-    c.optim.weight_decay = 0.0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.epochs = 1000
-    c.train.batch_size = 2048
-    c.train.stopping_step = 20
-    c.train.eval_step = 1
-    c.train.seed = (999,)
-    c.train.scan_epoch = True       # an epoch's batches in one compiled lax.scan (False: one dispatch per batch)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = ('recall', 'ndcg', 'precision', 'map')
-    c.eval.topk = (5, 10, 20, 50)
-    c.eval.valid_metric = 'recall@20'
-    c.eval.batch_size = 512         # users per device and dispatch; results do not depend on it
     c.eval.embeddings = 'last_batch'  # 'last_batch' (reference) or 'fresh'
-
-    c.graph = ml_collections.ConfigDict()
-    c.graph.spmm_impl = 'bcoo'      # 'bcoo' (jax.experimental.sparse) or 'segment_sum' (chunked)
-    c.graph.spmm_chunk_size = -1    # segment_sum: entries per chunk; -1 = 4096 on CPU, one chunk on GPU/TPU
-
-    c.parallel = ml_collections.ConfigDict()
-    c.parallel.num_devices = 0      # 0 = every device (of every process)
-    c.parallel.shard_items = True   # split the item features (the towers' work) over devices
-    c.parallel.distributed = 'auto'  # jax.distributed.initialize(): 'auto', 'on', 'off'
-
-    c.sweep = ml_collections.ConfigDict()
-    c.sweep.mode = 'sequential'     # 'vmapped': grid points that differ only in numeric values train side by side
-    c.sweep.max_points = 0          # at most this many points per vmapped group (0 = no limit)
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.output_dir = 'checkpoints'
-    c.checkpoint.run_name = ''      # '' = <model>-<dataset>-<timestamp> (resume: the latest such)
-    c.checkpoint.keep_last = 2
-    c.resume = False
-
-    c.hyper_parameters = ('train.seed',)
     return c
 
 
@@ -131,9 +77,7 @@ def _dataset_config(arg: str) -> ml_collections.ConfigDict:
         # The reference's settings at one point of its grid; on the embedded data this early-stops
         # after about 110 epochs (best near epoch 87) in about a minute on 2 CPU cores.
         return c
-    if arg not in MMREC_DATASETS:
-        raise ValueError(f'unknown config variant {arg!r}; expected one of '
-                         f'synthetic, {", ".join(MMREC_DATASETS)}')
+    common.check_variant(arg)
     c.data.dataset = arg
     # The reference's grid (LIRDRec.yaml), seed last as its configurator appends it.
     c.model.n_ui_layers = (2, 3, 4)

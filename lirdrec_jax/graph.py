@@ -300,6 +300,15 @@ def knn_item_graph(features: Sequence[np.ndarray], weights: Sequence[float],
     return _to_bcoo(knn_item_graph_scipy(features, weights, k))
 
 
+def modality_knn_graph(image, text, k: int, mm_image_weight: float) -> jsparse.BCOO:
+    """The frozen kNN item graph of the modalities present (either table may be None):
+    `mm_image_weight * kNN(image) + (1 - mm_image_weight) * kNN(text)`, or one modality's alone
+    (`modality_weights`)."""
+    feats = [f for f in (image, text) if f is not None]
+    weights = modality_weights(image is not None, text is not None, mm_image_weight)
+    return knn_item_graph(feats, weights, k)
+
+
 def modality_weights(has_image: bool, has_text: bool, mm_image_weight: float) -> list:
     """The reference's mixing: w*image + (1-w)*text with both, weight 1 for a single modality."""
     if has_image and has_text:

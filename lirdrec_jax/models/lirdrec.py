@@ -278,10 +278,7 @@ def prepare(dataset) -> Prepared:
 
 def item_graph(prepared: Prepared, knn_k: int, mm_image_weight: float):
     """The frozen kNN item graph of one (knn_k, mm_image_weight) point (seconds to build)."""
-    feats = [f for f in (prepared.image, prepared.text) if f is not None]
-    weights = graph.modality_weights(prepared.image is not None, prepared.text is not None,
-                                     mm_image_weight)
-    return graph.knn_item_graph(feats, weights, knn_k)
+    return graph.modality_knn_graph(prepared.image, prepared.text, knn_k, mm_image_weight)
 
 
 def frozen_inputs(prepared: Prepared, dataset, model_cfg) -> Frozen:
