@@ -16,6 +16,7 @@ torch = pytest.importorskip('torch')
 
 from configs import freedom as freedom_configs  # noqa: E402
 from lirdrec_jax import graph, parallel  # noqa: E402
+from lirdrec_jax.data import Interactions, MMRecDataset  # noqa: E402
 from lirdrec_jax.models import base, freedom  # noqa: E402
 from tests import torch_freedom  # noqa: E402
 
@@ -55,23 +56,6 @@ def adam_step(params, grads, state, lr):
     """Adam with PyTorch's constants, scaled by -lr."""
     updates, state = ADAM.update(grads, state, params)
     return optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates)), state
-
-
-class Interactions(NamedTuple):
-    users: np.ndarray
-    items: np.ndarray
-
-
-class MMRecDataset(NamedTuple):
-    """What `freedom.prepare` reads of a dataset (the fields of lirdrec_jax.data.MMRecDataset)."""
-    name: str
-    n_users: int
-    n_items: int
-    train: Interactions
-    valid: Interactions
-    test: Interactions
-    image_feat: np.ndarray
-    text_feat: np.ndarray
 
 
 class Options(NamedTuple):
