@@ -190,8 +190,9 @@ class TrainEdges(NamedTuple):
     """Training edges for degree-sensitive edge dropout.
 
     Attributes:
-      users: (n_edges,) int32 user ids, one entry per training row (repeats kept, as the
-        reference builds them from the COO interaction matrix).
+      users: (n_edges,) int32 user ids, one entry per distinct (user, item) training pair,
+        sorted by (user, item): the reference's edge list is its COO interaction matrix after
+        `astype(np.float32)`, which sums duplicates and sorts the entries.
       items: (n_edges,) int32 item ids.
       weights: (n_edges,) float32 1/sqrt(d_u d_i), the sampling weights.
     """
@@ -211,8 +212,11 @@ def bipartite_edge_values(users: jax.Array, items: jax.Array, n_users: int,
 
 def train_edges(train_users: np.ndarray, train_items: np.ndarray, n_users: int,
                 n_items: int) -> TrainEdges:
-    users = jnp.asarray(train_users, jnp.int32)
-    items = jnp.asarray(train_items, jnp.int32)
+    """The distinct training pairs, sorted by (user, item), and their sampling weights."""
+    pairs = np.unique(np.asarray(train_users, np.int64) * n_items
+                      + np.asarray(train_items, np.int64))
+    users = jnp.asarray(pairs // n_items, jnp.int32)
+    items = jnp.asarray(pairs % n_items, jnp.int32)
     return TrainEdges(users, items, bipartite_edge_values(users, items, n_users, n_items))
 
 

@@ -21,8 +21,9 @@ from lirdrec_jax.models import base, freedom  # noqa: E402
 from tests import torch_freedom  # noqa: E402
 
 N_USERS, N_ITEMS, DIM = 6, 7, 8
-# Training rows; (2, 3) occurs twice (a repeated row: it counts twice in the sampling degrees and
-# once in the full adjacency). Item 6 never occurs in training.
+# Training rows; (2, 3) occurs twice (a repeated row: it counts once, in the full adjacency and
+# in the pruning's edges, as the reference's deduplicated COO matrix). Item 6 never occurs in
+# training.
 TRAIN = np.array([(0, 0), (0, 1), (0, 2), (1, 1), (1, 3), (2, 3), (2, 3), (2, 4), (3, 0),
                   (3, 5), (4, 2), (4, 4), (4, 5), (5, 1), (5, 0)])
 BATCH_USERS, BATCH_POS, BATCH_NEG = [0, 2, 4, 5, 3], [1, 3, 5, 0, 0], [6, 0, 1, 3, 4]
@@ -90,9 +91,8 @@ def setup():
     net = freedom.create(cfg, N_USERS, N_ITEMS)
     params, carry = freedom.init(jax.random.PRNGKey(0), net, frozen, host)
     params = partitioner.replicate(params)  # as the trainer places them (no recompiles later)
-    # Key 14 keeps both copies of the repeated row (2, 3): a pair of entries the product sums.
     pruned = freedom.epoch_inputs(prepared, cfg, jax.random.PRNGKey(14), 0)
-    keep = freedom.keep_count(len(TRAIN), cfg.dropout)
+    keep = freedom.keep_count(int(prepared.edges.users.shape[0]), cfg.dropout)
     kept = np.asarray(pruned.indices[:keep])
     batch = Batch(*(jnp.asarray(a + a[:1], jnp.int32) for a in (BATCH_USERS, BATCH_POS, BATCH_NEG)),
                   jnp.asarray([1.0] * len(BATCH_USERS) + [0.0]))  # one padding row
@@ -137,7 +137,7 @@ def close(a, b, tol=1e-5):
 def test_graphs_match_dense_statement(setup):
     s = setup
     kept = list(zip(s['kept_users'].tolist(), s['kept_items'].tolist()))
-    assert len(kept) == 7 and kept.count((2, 3)) == 2  # int(15 * 0.5) edges, the repeat twice
+    assert len(kept) == len(set(kept)) == 7  # int(14 * 0.5) distinct edges
     full = torch_freedom.dense_norm_adjacency(TRAIN[:, 0], TRAIN[:, 1], N_USERS, N_ITEMS)
     np.testing.assert_allclose(np.asarray(s['frozen'].user_item.todense()), full.numpy(),
                                rtol=1e-6, atol=1e-7)
@@ -149,6 +149,15 @@ def test_graphs_match_dense_statement(setup):
     weights = torch_freedom.sampling_weights(TRAIN[:, 0], TRAIN[:, 1], N_USERS, N_ITEMS)
     np.testing.assert_allclose(np.asarray(s['prepared'].edges.weights), weights.numpy(),
                                rtol=1e-6)
+
+
+def test_pruning_draws_from_the_distinct_pairs_sorted_like_the_reference():
+    edges = graph.train_edges(TRAIN[:, 0], TRAIN[:, 1], N_USERS, N_ITEMS)
+    pairs = sorted(set(map(tuple, TRAIN.tolist())))  # the repeated row (2, 3) once
+    assert list(zip(np.asarray(edges.users).tolist(), np.asarray(edges.items).tolist())) == pairs
+    # Degrees count distinct pairs: user 2 has items 3 and 4, item 3 has users 1 and 2.
+    at = pairs.index((2, 3))
+    np.testing.assert_allclose(float(edges.weights[at]), 1 / np.sqrt(2 * 2), rtol=1e-6)
 
 
 def test_forward_matches_torch_on_pruned_and_full_graph(setup):

@@ -42,11 +42,11 @@ def edge_counts(users, items, n_users: int, n_items: int) -> torch.Tensor:
 
 
 def sampling_weights(users, items, n_users: int, n_items: int) -> torch.Tensor:
-    """(n_edges,) 1/sqrt(d_u d_i) per edge, degrees counting repeated rows."""
-    c = edge_counts(users, items, n_users, n_items)
+    """1/sqrt(d_u d_i) for each distinct (user, item) pair in (user, item) order, degrees
+    counting distinct pairs (repeated rows once)."""
+    c = (edge_counts(users, items, n_users, n_items) > 0).double()
     du, di = c.sum(1) + EPS, c.sum(0) + EPS
-    u = torch.tensor(np.asarray(users), dtype=torch.long)
-    i = torch.tensor(np.asarray(items), dtype=torch.long)
+    u, i = torch.nonzero(c, as_tuple=True)  # row-major: sorted by (user, item)
     return du[u].pow(-0.5) * di[i].pow(-0.5)
 
 
