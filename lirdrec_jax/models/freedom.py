@@ -236,10 +236,7 @@ def item_graph(prepared: Prepared, knn_k: int, mm_image_weight: float):
     Built from the initial features (the reference builds it before any training step and
     never rebuilds it, although the feature tables then train). Not cached on disk.
     """
-    feats = [f for f in (prepared.image, prepared.text) if f is not None]
-    weights = graph.modality_weights(prepared.image is not None, prepared.text is not None,
-                                     mm_image_weight)
-    return graph.knn_item_graph(feats, weights, knn_k)
+    return graph.modality_knn_graph(prepared.image, prepared.text, knn_k, mm_image_weight)
 
 
 def frozen_inputs(prepared: Prepared, dataset, model_cfg) -> Frozen:
@@ -352,4 +349,5 @@ MODEL = base.Model(
     frozen_inputs=frozen_inputs, place_frozen=place_frozen, create=create, init=init,
     host_init=host_init, epoch_schedule=epoch_schedule, epoch_inputs=epoch_inputs,
     start_epoch=base.keep_state, loss=loss, eval_embeddings=eval_embeddings,
-    flops_per_batch=flops_per_batch)
+    flops_per_batch=flops_per_batch,
+    parity=base.ParityHooks(module='lirdrec_jax.parity.freedom', reference_repo='enoche/FREEDOM'))

@@ -1,8 +1,10 @@
 """Weights between the PyTorch reference's `state_dict` and our parameter pytree, both ways.
 
-The one name table, `PARAM_TABLE`, maps each reference key to our parameter path and says
-whether the tensor is transposed (PyTorch's Linear weight is (out, in); a Flax kernel is
-(in, out)). Conversions are plain numpy: no torch import is needed here.
+A name table maps each reference key to our parameter path and says whether the tensor is
+transposed (PyTorch's Linear weight is (out, in); a Flax kernel is (in, out)). `PARAM_TABLE`
+is LIRDRec's and the default of the converters; another model passes its own (`table=`, and
+`feature_keys=` for reference-only feature copies, e.g. `{}`). Conversions are plain numpy: no
+torch import is needed here.
 
 Reference-only keys: `image_embedding.weight` and `text_embedding.weight` are trainable copies
 of the frozen features that the reference's forward pass never reads (see
@@ -81,7 +83,9 @@ def _flat_paths(tree: Mapping, prefix=()) -> list:
 
 
 def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
-                         features: Optional[Mapping[str, np.ndarray]] = None) -> Dict:
+                         features: Optional[Mapping[str, np.ndarray]] = None, *,
+                         table: Optional[Mapping] = None,
+                         feature_keys: Optional[Mapping[str, str]] = None) -> Dict:
     """Reference state_dict -> our params, checked against `template` (our initialised params).
 
     Args:
@@ -90,6 +94,8 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
       template: our parameter pytree with the expected structure and shapes.
       features: optional {'image': (n_items, d_v), 'text': (n_items, d_t)} our features; when
         given, the reference's unused feature copies must equal them (atol 1e-6).
+      table, feature_keys: the model's name table and reference-only feature copies
+        (default: LIRDRec's `PARAM_TABLE`, `FEATURE_KEYS`).
 
     Returns:
       A new parameter pytree of float32 numpy arrays.
@@ -97,15 +103,17 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
     Raises:
       ConversionError: unknown key, missing key, or shape mismatch (named).
     """
-    known = set(PARAM_TABLE) | set(FEATURE_KEYS)
+    table = PARAM_TABLE if table is None else table
+    feature_keys = FEATURE_KEYS if feature_keys is None else feature_keys
+    known = set(table) | set(feature_keys)
     unknown = sorted(set(state_dict) - known)
     if unknown:
         raise ConversionError(f'unknown reference key(s) {unknown}; known keys: {sorted(known)}')
-    missing = sorted(set(PARAM_TABLE) - set(state_dict))
+    missing = sorted(set(table) - set(state_dict))
     if missing:
         raise ConversionError(f'reference state_dict lacks key(s) {missing}')
     params: Dict = {}
-    for ref_key, (path, transpose) in PARAM_TABLE.items():
+    for ref_key, (path, transpose) in table.items():
         value = _to_numpy(state_dict[ref_key])
         value = value.T if transpose else value
         try:
@@ -120,11 +128,11 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
                                   f'{expected}')
         _set(params, path, value)
     unmapped = sorted('/'.join(p) for p in _flat_paths(template)
-                      if not any(p == path for path, _ in PARAM_TABLE.values()))
+                      if not any(p == path for path, _ in table.values()))
     if unmapped:
         raise ConversionError(f'our parameters {unmapped} have no reference key')
     if features is not None:
-        for ref_key, name in FEATURE_KEYS.items():
+        for ref_key, name in feature_keys.items():
             if ref_key in state_dict:
                 ref = _to_numpy(state_dict[ref_key])
                 if ref.shape != features[name].shape or not np.allclose(ref, features[name],
@@ -145,27 +153,36 @@ def load_state_dict_file(path) -> Dict[str, np.ndarray]:
     return {k: _to_numpy(v) for k, v in state.items()}
 
 
-def params_to_state_dict(params: Mapping, features: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def params_to_state_dict(params: Mapping, features: Optional[Mapping[str, np.ndarray]], *,
+                         table: Optional[Mapping] = None,
+                         feature_keys: Optional[Mapping[str, str]] = None
+                         ) -> Dict[str, np.ndarray]:
     """Our params -> a reference state_dict of numpy arrays (wrap with torch.from_numpy).
 
     Args:
       params: our parameter pytree.
-      features: {'image': ..., 'text': ...} to fill the reference's unused feature copies.
+      features: {'image': ..., 'text': ...} to fill the reference's unused feature copies
+        (None when `feature_keys` is empty).
+      table, feature_keys: as in `state_dict_to_params` (default: LIRDRec's).
     """
+    table = PARAM_TABLE if table is None else table
+    feature_keys = FEATURE_KEYS if feature_keys is None else feature_keys
     out = {}
-    for ref_key, (path, transpose) in PARAM_TABLE.items():
+    for ref_key, (path, transpose) in table.items():
         try:
             value = np.asarray(_get(params, path), np.float32)
         except KeyError:
             raise ConversionError(f'our parameters lack {"/".join(path)} (reference key '
                                   f'{ref_key!r})') from None
         out[ref_key] = np.ascontiguousarray(value.T if transpose else value)
-    for ref_key, name in FEATURE_KEYS.items():
+    for ref_key, name in feature_keys.items():
         out[ref_key] = np.asarray(features[name], np.float32)
     return out
 
 
-def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template: Mapping) -> dict:
+def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template: Mapping, *,
+                          table: Optional[Mapping] = None,
+                          feature_keys: Optional[Mapping[str, str]] = None) -> dict:
     """torch.optim.Adam state (by parameter index) -> {'count', 'mu', 'nu'} in our layout.
 
     Args:
@@ -173,20 +190,23 @@ def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template:
         in `model.parameters()` order.
       param_names: the reference keys in `model.named_parameters()` order.
       template: our parameter pytree (structure and shapes).
+      table, feature_keys: as in `state_dict_to_params` (default: LIRDRec's).
 
     Returns:
       {'count': int, 'mu': params-shaped, 'nu': params-shaped}; parameters without state
       (never updated, e.g. the unused feature copies) are skipped, our parameters without a
       reference moment get zeros.
     """
+    table = PARAM_TABLE if table is None else table
+    feature_keys = FEATURE_KEYS if feature_keys is None else feature_keys
     mu = {}
     nu = {}
     count = 0
     for index, name in enumerate(param_names):
         state = optimizer_state.get(index)
-        if name in FEATURE_KEYS or state is None:
+        if name in feature_keys or state is None:
             continue
-        path, transpose = PARAM_TABLE[name]
+        path, transpose = table[name]
         m, v = _to_numpy(state['exp_avg']), _to_numpy(state['exp_avg_sq'])
         _set(mu, path, m.T if transpose else m)
         _set(nu, path, v.T if transpose else v)

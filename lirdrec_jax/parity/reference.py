@@ -1,4 +1,5 @@
-"""Running the user's own checkout of the PyTorch reference (enoche/LIRDRec) on our data.
+"""Running the user's own checkout of a PyTorch reference of the MMRec framework
+(enoche/LIRDRec, enoche/FREEDOM, ...) on our data.
 
 We never ship or edit the reference's code: its `src/` folder is put on `sys.path` and its
 modules are imported from there, after a few compatibility shims for current libraries:
@@ -12,9 +13,10 @@ modules are imported from there, after a few compatibility shims for current lib
 
 The reference reads its inputs through a config dict and a data loader; `ReferenceConfig` and
 `ReferenceTrainData` / `ReferenceEvalData` provide exactly the fields it reads, built from our
-`MMRecDataset`, so both implementations see the same data. The reference writes its kNN graph
-cache next to the features; we point it at a temporary folder holding links to the feature
-files, so nothing is written into the user's data.
+`MMRecDataset`, so both implementations see the same data. The config holds the framework's
+keys (`framework_config`) and the model's own (its parity module's `reference_model_config`).
+The reference writes its kNN graph cache next to the features; we point it at a temporary
+folder holding links to the feature files, so nothing is written into the user's data.
 """
 import importlib
 import os
@@ -104,29 +106,42 @@ class ReferenceConfig(dict):
         return None
 
 
-def reference_config(point_cfg, data_path: str, dataset_name: str) -> ReferenceConfig:
-    """The reference's config dict for one of our grid points (scalars)."""
-    m, o, t, e = point_cfg.model, point_cfg.optim, point_cfg.train, point_cfg.eval
-    return ReferenceConfig({
-        'model': 'LIRDRec', 'dataset': dataset_name, 'data_path': data_path,
-        'device': 'cpu', 'use_gpu': False, 'end2end': False, 'is_multimodal_model': True,
+def framework_config(point_cfg, data_path: str, dataset_name: str) -> dict:
+    """The keys that the MMRec framework's own classes read, for one of our grid points
+    (scalars): `GeneralRecommender.__init__` (ids, device, feature files), `Trainer`
+    (optimiser, schedule, epochs, early stopping, evaluation) and `TopKEvaluator` (metrics;
+    saving the top-k lists is switched off, so `recommend_topk` is never read). The same in
+    every MMRec-framework repository (enoche/LIRDRec, enoche/FREEDOM, ...)."""
+    o, t, e = point_cfg.optim, point_cfg.train, point_cfg.eval
+    return {
+        'dataset': dataset_name, 'data_path': data_path, 'device': 'cpu', 'end2end': False,
+        'is_multimodal_model': True,
         'vision_feature_file': point_cfg.data.image_file,
         'text_feature_file': point_cfg.data.text_file,
         'USER_ID_FIELD': 'userID', 'ITEM_ID_FIELD': 'itemID', 'NEG_PREFIX': 'neg__',
-        'embedding_size': m.embedding_size, 'feat_embed_dim': m.embedding_size,
-        'knn_k': m.knn_k, 'lambda_coeff': 0.9, 'cf_model': None, 'n_mm_layers': m.n_mm_layers,
-        'n_ui_layers': m.n_ui_layers, 'reg_weight': m.reg_weight,
-        'mm_image_weight': m.mm_image_weight, 'dropout': m.dropout, 'degree_ratio': None,
-        'decay_base': m.decay_base, 'decay_weight': m.decay_weight,
         'learner': 'adam', 'learning_rate': o.learning_rate,
         'learning_rate_scheduler': [o.lr_decay_factor, o.lr_decay_epochs],
-        'weight_decay': o.weight_decay, 'epochs': t.epochs, 'eval_step': t.eval_step,
-        'stopping_step': t.stopping_step, 'train_batch_size': t.batch_size,
-        'clip_grad_norm': None, 'valid_metric': e.valid_metric, 'valid_metric_bigger': True,
+        'epochs': t.epochs, 'eval_step': t.eval_step, 'stopping_step': t.stopping_step,
+        'train_batch_size': t.batch_size, 'clip_grad_norm': None,
+        'valid_metric': e.valid_metric, 'valid_metric_bigger': True,
         'eval_batch_size': e.batch_size, 'metrics': [x.capitalize() if x != 'ndcg' and x != 'map'
                                                      else x.upper() for x in e.metrics],
         'topk': list(e.topk), 'save_recommended_topk': False, 'eval_type': None,
-    })
+    }
+
+
+def reference_config(point_cfg, data_path: str, dataset_name: str) -> ReferenceConfig:
+    """The reference's config dict for one of our grid points (scalars): the framework's keys
+    (`framework_config`) and the model's own, from the model's parity module
+    (`reference_model_config(point_cfg) -> dict`, which also names the class under 'model'),
+    found through the `parity` hook of `point_cfg.model_name`."""
+    from lirdrec_jax import models
+    hooks = models.get_model(point_cfg.model_name).parity
+    if hooks is None:
+        raise ReferenceError_(f'model {point_cfg.model_name!r} has no parity module')
+    module = importlib.import_module(hooks.module)
+    return ReferenceConfig({**framework_config(point_cfg, data_path, dataset_name),
+                            **module.reference_model_config(point_cfg)})
 
 
 class _Counts:
@@ -193,7 +208,7 @@ def staging_folder(dataset_dir: Path, dataset_name: str, image_file: str, text_f
     folder.mkdir()
     for name in (image_file, text_file):
         source = Path(dataset_dir) / name
-        if source.exists():
+        if name and source.is_file():  # '' = modality not used: it stays absent for the reference
             os.symlink(source.absolute(), folder / name)
     return tmp
 
@@ -264,21 +279,29 @@ UNUSED_REFERENCE_PARAMETERS = ('image_embedding.', 'text_embedding.')
 
 
 def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point, model_module: str,
-                            class_name: str) -> dict:
+                            class_name: str, repository: str = 'enoche/LIRDRec',
+                            unused_parameters: tuple = UNUSED_REFERENCE_PARAMETERS) -> dict:
     """Time the reference on `dataset` at our grid point `point`: model construction,
     `args.epochs` training epochs (its own loader and sampling) and valid + test evaluation.
+
+    Args:
+      repository: named in the error when the checkout is not the expected one.
+      unused_parameters: prefixes of reference parameters left out of the parameter count
+        (trainable tables its forward pass never reads).
 
     Returns:
       {'construct_seconds', 'epoch_seconds': [...], 'eval_seconds', 'parameters'}.
     """
     import time
     import torch
-    ref = load_reference(checkout, model_module, class_name)
+    ref = load_reference(checkout, model_module, class_name, repository)
     with tempfile.TemporaryDirectory(prefix='lirdrec_bench_ref_') as tmp:
         folder = Path(tmp) / dataset.name
         folder.mkdir()
-        np.save(folder / point.data.image_file, dataset.image_feat)
-        np.save(folder / point.data.text_file, dataset.text_feat)
+        for name, table in ((point.data.image_file, dataset.image_feat),
+                            (point.data.text_file, dataset.text_feat)):
+            if name and table is not None:  # an absent modality stays absent for it too
+                np.save(folder / name, table)
         config = reference_config(point, tmp + os.sep, dataset.name)
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -301,7 +324,7 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point, model_
             eval_seconds = min(eval_seconds, time.perf_counter() - start)
     return {'construct_seconds': construct, 'epoch_seconds': epoch_seconds,
             'eval_seconds': eval_seconds,
-            # Without the feature tables it registers but never reads (docs/reference_quirks.md
-            # D4): the parameters that train, comparable with ours.
+            # Without the tables it registers but never reads (LIRDRec's feature copies,
+            # docs/reference_quirks.md D4): the parameters that train, comparable with ours.
             'parameters': int(sum(p.numel() for name, p in model.named_parameters()
-                                  if not name.startswith(UNUSED_REFERENCE_PARAMETERS)))}
+                                  if not name.startswith(tuple(unused_parameters))))}
