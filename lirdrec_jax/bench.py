@@ -344,7 +344,7 @@ def _reference_table(ours: dict, ref: dict) -> str:
             continue
         lines.append(f'{name:32s} {a:10.2f} {b:10.2f} {b / a:10.2f}')
     if ref.get('parameters') and ours.get('params'):
-        lines.append(f'{"parameters (D4 tables excluded)":32s} {ours["params"]:10d} '
+        lines.append(f'{"parameters that train":32s} {ours["params"]:10d} '
                      f'{ref["parameters"]:10d} '
                      f'{ref["parameters"] / ours["params"]:10.2f}')
     lines.append('(the reference runs in this process after ours: its peak memory is not '
