@@ -24,14 +24,14 @@ and its learning-rate factor is 1.0 (a constant rate); both are reproduced below
 """
 import ml_collections
 
-from configs import common
+from lirdrec_jax import config_defaults
 
-MMREC_DATASETS = common.MMREC_DATASETS
+MMREC_DATASETS = config_defaults.MMREC_DATASETS
 
 
 def base_config() -> ml_collections.ConfigDict:
     """The reference's settings (MMRec overall.yaml + FREEDOM.yaml)."""
-    c = common.base('freedom', learning_rate=0.001)
+    c = config_defaults.base('freedom', learning_rate=0.001)
     c.model.embedding_size = 64     # ID embeddings and the feature projections (feat_embed_dim)
     c.model.knn_k = 10
     c.model.n_ui_layers = 2
@@ -59,7 +59,7 @@ def _dataset_config(arg: str) -> ml_collections.ConfigDict:
         # reg_weight, 0.4498-0.4500 for dropout 0.9 at reg_weight <= 1e-4 and 0.4704 for
         # dropout 0.9 at 1e-3 (test 0.4760 there, 0.4712 here): a tie within noise.
         return c
-    common.check_variant(arg)
+    config_defaults.check_variant(arg)
     c.data.dataset = arg
     # The reference's grid (FREEDOM.yaml: hyper_parameters ["dropout", "reg_weight"]), with the
     # seed last, as its configurator appends it.

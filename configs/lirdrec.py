@@ -21,14 +21,14 @@ passes weight_decay to the optimiser, so those runs are identical; we leave it o
 """
 import ml_collections
 
-from configs import common
+from lirdrec_jax import config_defaults
 
-MMREC_DATASETS = common.MMREC_DATASETS
+MMREC_DATASETS = config_defaults.MMREC_DATASETS
 
 
 def base_config() -> ml_collections.ConfigDict:
     """The reference's settings (MMRec overall.yaml + LIRDRec.yaml)."""
-    c = common.base('lirdrec', learning_rate=0.0001)
+    c = config_defaults.base('lirdrec', learning_rate=0.0001)
     c.model.embedding_size = 64
     c.model.knn_k = 10
     c.model.n_ui_layers = (2,)
@@ -77,7 +77,7 @@ def _dataset_config(arg: str) -> ml_collections.ConfigDict:
         # The reference's settings at one point of its grid; on the embedded data this early-stops
         # after about 110 epochs (best near epoch 87) in about a minute on 2 CPU cores.
         return c
-    common.check_variant(arg)
+    config_defaults.check_variant(arg)
     c.data.dataset = arg
     # The reference's grid (LIRDRec.yaml), seed last as its configurator appends it.
     c.model.n_ui_layers = (2, 3, 4)

@@ -1,10 +1,11 @@
 """Orbax checkpoints of a training run: the last N epochs and the best one.
 
 Each checkpoint holds two items:
-  state:    params, optimiser state, the PWC attention carried into the next epoch, and the
-            run's PRNG key data (a pytree of arrays, saved with StandardSave);
-  progress: host-side training state as JSON (epoch, PWC w1/w2, early-stopping counters,
-            best results, per-epoch history).
+  state:    params, optimiser state, the model's carried state (e.g. LIRDRec's fusion
+            attention for the next epoch), and the run's PRNG key data (a pytree of arrays,
+            saved with StandardSave);
+  progress: host-side training state as JSON (epoch, the model's host state, early-stopping
+            counters, best results, per-epoch history).
 Orbax writes into a temporary directory and renames it when complete, so a run killed while
 saving leaves the previous checkpoints intact; `cleanup_tmp_directories` removes the debris
 of such a save when the run is resumed.

@@ -428,7 +428,7 @@ class PointFiles:
 def record_epoch(progress: Progress, cfg, epoch: int, learning_rate: float, loss: float,
                  train_seconds: float, evaluate: Callable[[], tuple], files: PointFiles) -> tuple:
     """Everything after an epoch's training: evaluation on eval epochs, early stopping, the
-    progress line. The record holds the model's host state (e.g. PWC weights). Returns
+    progress line. The record holds the model's host state (its schedule's values). Returns
     (record, improved)."""
     t, metric = cfg.train, cfg.eval.valid_metric.lower()
     progress.epochs_done = epoch + 1

@@ -53,10 +53,10 @@ def restated_model(dataset, folder, point):
 def test_params_round_trip_through_a_state_dict_the_torch_model_loads(small):
     dataset, folder, point = small
     params = our_params(dataset, point)
-    state_dict = convert.params_to_state_dict(params, features(dataset))
+    state_dict = run.params_to_state_dict(params, features(dataset))
     model = restated_model(dataset, folder, point)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-    back = convert.state_dict_to_params(model.state_dict(), params, features(dataset))
+    back = run.state_dict_to_params(model.state_dict(), params, features(dataset))
     jax.tree.map(np.testing.assert_array_equal, back, params)
     # The torch model computes with exactly these weights.
     np.testing.assert_array_equal(model.v_MLP.weight.detach().numpy(),
@@ -66,18 +66,18 @@ def test_params_round_trip_through_a_state_dict_the_torch_model_loads(small):
 def test_conversion_errors_name_the_key(small):
     dataset, folder, point = small
     params = our_params(dataset, point)
-    good = convert.params_to_state_dict(params, features(dataset))
+    good = run.params_to_state_dict(params, features(dataset))
     with pytest.raises(convert.ConversionError, match=r"unknown reference key\(s\) \['extra'\]"):
-        convert.state_dict_to_params({**good, 'extra': np.zeros(1)}, params)
+        run.state_dict_to_params({**good, 'extra': np.zeros(1)}, params)
     missing = {k: v for k, v in good.items() if k != 'fusion_module.theta'}
     with pytest.raises(convert.ConversionError, match="lacks key.*fusion_module.theta"):
-        convert.state_dict_to_params(missing, params)
+        run.state_dict_to_params(missing, params)
     wrong = {**good, 't_MLP.weight': np.zeros((3, 4), np.float32)}
     with pytest.raises(convert.ConversionError, match="shape mismatch for reference key 't_MLP.weight'"):
-        convert.state_dict_to_params(wrong, params)
+        run.state_dict_to_params(wrong, params)
     bad_features = {**good, 'image_embedding.weight': good['image_embedding.weight'] + 1}
     with pytest.raises(convert.ConversionError, match='image_embedding.weight'):
-        convert.state_dict_to_params(bad_features, params, features(dataset))
+        run.state_dict_to_params(bad_features, params, features(dataset))
 
 
 def test_adam_and_pwc_state_import_from_a_live_torch_model(small):
@@ -89,18 +89,18 @@ def test_adam_and_pwc_state_import_from_a_live_torch_model(small):
     trainer.optimizer.zero_grad()
     model.calculate_loss(batch).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    before = convert.state_dict_to_params(model.state_dict(), our_params(dataset, point))
+    before = run.state_dict_to_params(model.state_dict(), our_params(dataset, point))
     trainer.optimizer.step()
     template = before
     names = [k for k, _ in model.named_parameters()]
-    imported = convert.adam_state_from_torch(trainer.optimizer.state_dict()['state'], names,
+    imported = run.adam_state_from_torch(trainer.optimizer.state_dict()['state'], names,
                                              template)
     # Our Adam on the same gradients yields the same moments.
-    our_grads = convert.state_dict_to_params({**{k: np.zeros(p.shape, np.float32)
+    our_grads = run.state_dict_to_params({**{k: np.zeros(p.shape, np.float32)
                                                  for k, p in model.state_dict().items()
-                                                 if k in convert.PARAM_TABLE},
+                                                 if k in run.PARAM_TABLE},
                                               **{k: g.numpy() for k, g in grads.items()
-                                                 if k in convert.PARAM_TABLE}}, template)
+                                                 if k in run.PARAM_TABLE}}, template)
     opt = optim.create_optimizer()
     _, state = train.apply_gradients(opt, jax.tree.map(jnp.asarray, before),
                                      opt.init(jax.tree.map(jnp.asarray, before)),
@@ -111,7 +111,7 @@ def test_adam_and_pwc_state_import_from_a_live_torch_model(small):
                  jax.tree.map(np.asarray, adam.mu), imported['mu'])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-20),
                  jax.tree.map(np.asarray, adam.nu), imported['nu'])
-    pwc = convert.training_state_from_reference(model)
+    pwc = run.training_state_from_reference(model)
     assert pwc.epochs_started == 1 and pwc.w1 == pytest.approx(0.81 / 0.91)
     assert pwc.attention.shape == (dataset.n_users, 3)
 
@@ -135,7 +135,7 @@ def test_parity_passes_against_the_independent_restatement(small):
                      'epoch 1: test metrics', 'parameters after 2 epochs'):
         assert expected in names
     # Every parameter the loss depends on (all but the reference's two unused feature copies).
-    assert sum(n.startswith('gradient ') for n in names) == len(convert.PARAM_TABLE) == 25
+    assert sum(n.startswith('gradient ') for n in names) == len(run.PARAM_TABLE) == 25
 
 
 class OneLayerFewer(R.RestatedLIRDRec):
@@ -168,7 +168,7 @@ def test_saved_state_dict_file_converts(small, tmp_path):
     dataset, folder, point = small
     model = restated_model(dataset, folder, point)
     torch.save(model.state_dict(), tmp_path / 'model.pt')
-    params = convert.state_dict_to_params(convert.load_state_dict_file(tmp_path / 'model.pt'),
+    params = run.state_dict_to_params(convert.load_state_dict_file(tmp_path / 'model.pt'),
                                           our_params(dataset, point), features(dataset))
     np.testing.assert_array_equal(params['fusion']['theta'],
                                   model.fusion_module.theta.detach().numpy())

@@ -1,60 +1,24 @@
-"""Weights between the PyTorch reference's `state_dict` and our parameter pytree, both ways.
+"""Weights between a PyTorch reference's `state_dict` and our parameter pytree, both ways.
 
-A name table maps each reference key to our parameter path and says whether the tensor is
-transposed (PyTorch's Linear weight is (out, in); a Flax kernel is (in, out)). `PARAM_TABLE`
-is LIRDRec's and the default of the converters; another model passes its own (`table=`, and
-`feature_keys=` for reference-only feature copies, e.g. `{}`). Conversions are plain numpy: no
-torch import is needed here.
-
-Reference-only keys: `image_embedding.weight` and `text_embedding.weight` are trainable copies
-of the frozen features that the reference's forward pass never reads (see
-docs/reference_quirks.md, D4). Importing checks that they equal our features; exporting fills
-them from the features, so that the reference model loads our state_dict with strict=True.
+Each model's parity module owns its name table (`table`): reference key -> (our parameter
+path, whether the tensor is transposed: PyTorch's Linear weight is (out, in), a Flax kernel
+(in, out)), and its reference-only feature copies (`feature_keys`: reference key -> 'image' or
+'text', tensors that the reference registers but we do not hold, e.g. LIRDRec's unused
+feature tables; importing checks that they equal our features, exporting fills them from the
+features so that the reference loads our state_dict with strict=True). Conversions are plain
+numpy: no torch import is needed here.
 """
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-# reference key -> (our path, transpose)
-PARAM_TABLE: Dict[str, Tuple[Tuple[str, ...], bool]] = {
-    'v_preference': (('image_preference',), False),
-    't_preference': (('text_preference',), False),
-    'id_preference': (('spectral_preference',), False),
-}
-for _ref, _ours in (('v', 'image'), ('t', 'text'), ('s', 'spectral')):
-    PARAM_TABLE[f'{_ref}_MLP.weight'] = ((f'{_ours}_tower', 'hidden', 'kernel'), True)
-    PARAM_TABLE[f'{_ref}_MLP.bias'] = ((f'{_ours}_tower', 'hidden', 'bias'), False)
-    PARAM_TABLE[f'{_ref}_MLP_1.weight'] = ((f'{_ours}_tower', 'out', 'kernel'), True)
-for _w in ('a', 'b', 'c'):
-    for _layer in ('fc1', 'fc2'):
-        PARAM_TABLE[f'fusion_module.weco_{_w}.{_layer}.weight'] = (
-            ('fusion', f'weco_{_w}', _layer, 'kernel'), True)
-        PARAM_TABLE[f'fusion_module.weco_{_w}.{_layer}.bias'] = (
-            ('fusion', f'weco_{_w}', _layer, 'bias'), False)
-PARAM_TABLE['fusion_module.theta'] = (('fusion', 'theta'), False)
-
-FEATURE_KEYS = {'image_embedding.weight': 'image', 'text_embedding.weight': 'text'}
 
 
 class ConversionError(ValueError):
     """A key is unknown or missing, or a shape does not match; the message names the key."""
 
 
-class ReferenceTrainingState(NamedTuple):
-    """What the reference keeps outside its state_dict, as module attributes.
-
-    Attributes:
-      attention: (n_users, 3) `fusion_module.last_att`, copied into theta at the next epoch.
-      w1, w2: `fusion_module.w1`, `fusion_module.w2`.
-      epochs_started: `cur_epoch` (the reference increments it at the start of each epoch).
-    """
-    attention: np.ndarray
-    w1: float
-    w2: float
-    epochs_started: int
-
-
-def _to_numpy(value) -> np.ndarray:
+def to_numpy(value) -> np.ndarray:
     if hasattr(value, 'detach'):  # a torch tensor, without importing torch here
         value = value.detach().cpu().numpy()
     return np.asarray(value, np.float32)
@@ -84,8 +48,7 @@ def _flat_paths(tree: Mapping, prefix=()) -> list:
 
 def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
                          features: Optional[Mapping[str, np.ndarray]] = None, *,
-                         table: Optional[Mapping] = None,
-                         feature_keys: Optional[Mapping[str, str]] = None) -> Dict:
+                         table: Mapping, feature_keys: Mapping[str, str]) -> Dict:
     """Reference state_dict -> our params, checked against `template` (our initialised params).
 
     Args:
@@ -94,8 +57,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
       template: our parameter pytree with the expected structure and shapes.
       features: optional {'image': (n_items, d_v), 'text': (n_items, d_t)} our features; when
         given, the reference's unused feature copies must equal them (atol 1e-6).
-      table, feature_keys: the model's name table and reference-only feature copies
-        (default: LIRDRec's `PARAM_TABLE`, `FEATURE_KEYS`).
+      table, feature_keys: the model's name table and reference-only feature copies.
 
     Returns:
       A new parameter pytree of float32 numpy arrays.
@@ -103,8 +65,6 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
     Raises:
       ConversionError: unknown key, missing key, or shape mismatch (named).
     """
-    table = PARAM_TABLE if table is None else table
-    feature_keys = FEATURE_KEYS if feature_keys is None else feature_keys
     known = set(table) | set(feature_keys)
     unknown = sorted(set(state_dict) - known)
     if unknown:
@@ -114,7 +74,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
         raise ConversionError(f'reference state_dict lacks key(s) {missing}')
     params: Dict = {}
     for ref_key, (path, transpose) in table.items():
-        value = _to_numpy(state_dict[ref_key])
+        value = to_numpy(state_dict[ref_key])
         value = value.T if transpose else value
         try:
             expected = tuple(np.shape(_get(template, path)))
@@ -123,7 +83,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
                                   f'{ref_key!r}') from None
         if value.shape != expected:
             raise ConversionError(f'shape mismatch for reference key {ref_key!r}: '
-                                  f'{_to_numpy(state_dict[ref_key]).shape} (as {value.shape} '
+                                  f'{to_numpy(state_dict[ref_key]).shape} (as {value.shape} '
                                   f'after transpose={transpose}), ours {"/".join(path)} is '
                                   f'{expected}')
         _set(params, path, value)
@@ -134,7 +94,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping,
     if features is not None:
         for ref_key, name in feature_keys.items():
             if ref_key in state_dict:
-                ref = _to_numpy(state_dict[ref_key])
+                ref = to_numpy(state_dict[ref_key])
                 if ref.shape != features[name].shape or not np.allclose(ref, features[name],
                                                                           atol=1e-6):
                     raise ConversionError(f'reference key {ref_key!r} does not hold our {name} '
@@ -150,12 +110,11 @@ def load_state_dict_file(path) -> Dict[str, np.ndarray]:
     if not isinstance(state, Mapping):
         raise ConversionError(f'{path} holds a {type(state).__name__}, expected a state_dict '
                               '(a mapping of parameter names to tensors)')
-    return {k: _to_numpy(v) for k, v in state.items()}
+    return {k: to_numpy(v) for k, v in state.items()}
 
 
 def params_to_state_dict(params: Mapping, features: Optional[Mapping[str, np.ndarray]], *,
-                         table: Optional[Mapping] = None,
-                         feature_keys: Optional[Mapping[str, str]] = None
+                         table: Mapping, feature_keys: Mapping[str, str]
                          ) -> Dict[str, np.ndarray]:
     """Our params -> a reference state_dict of numpy arrays (wrap with torch.from_numpy).
 
@@ -163,10 +122,8 @@ def params_to_state_dict(params: Mapping, features: Optional[Mapping[str, np.nda
       params: our parameter pytree.
       features: {'image': ..., 'text': ...} to fill the reference's unused feature copies
         (None when `feature_keys` is empty).
-      table, feature_keys: as in `state_dict_to_params` (default: LIRDRec's).
+      table, feature_keys: as in `state_dict_to_params`.
     """
-    table = PARAM_TABLE if table is None else table
-    feature_keys = FEATURE_KEYS if feature_keys is None else feature_keys
     out = {}
     for ref_key, (path, transpose) in table.items():
         try:
@@ -181,8 +138,7 @@ def params_to_state_dict(params: Mapping, features: Optional[Mapping[str, np.nda
 
 
 def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template: Mapping, *,
-                          table: Optional[Mapping] = None,
-                          feature_keys: Optional[Mapping[str, str]] = None) -> dict:
+                          table: Mapping, feature_keys: Mapping[str, str]) -> dict:
     """torch.optim.Adam state (by parameter index) -> {'count', 'mu', 'nu'} in our layout.
 
     Args:
@@ -190,15 +146,13 @@ def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template:
         in `model.parameters()` order.
       param_names: the reference keys in `model.named_parameters()` order.
       template: our parameter pytree (structure and shapes).
-      table, feature_keys: as in `state_dict_to_params` (default: LIRDRec's).
+      table, feature_keys: as in `state_dict_to_params`.
 
     Returns:
       {'count': int, 'mu': params-shaped, 'nu': params-shaped}; parameters without state
       (never updated, e.g. the unused feature copies) are skipped, our parameters without a
       reference moment get zeros.
     """
-    table = PARAM_TABLE if table is None else table
-    feature_keys = FEATURE_KEYS if feature_keys is None else feature_keys
     mu = {}
     nu = {}
     count = 0
@@ -207,10 +161,10 @@ def adam_state_from_torch(optimizer_state: Mapping, param_names: list, template:
         if name in feature_keys or state is None:
             continue
         path, transpose = table[name]
-        m, v = _to_numpy(state['exp_avg']), _to_numpy(state['exp_avg_sq'])
+        m, v = to_numpy(state['exp_avg']), to_numpy(state['exp_avg_sq'])
         _set(mu, path, m.T if transpose else m)
         _set(nu, path, v.T if transpose else v)
-        count = max(count, int(_to_numpy(state['step'])))
+        count = max(count, int(to_numpy(state['step'])))
     for path in _flat_paths(template):
         if _path_missing(mu, path):
             shape = np.shape(_get(template, path))
@@ -225,10 +179,3 @@ def _path_missing(tree, path) -> bool:
         return False
     except KeyError:
         return True
-
-
-def training_state_from_reference(model) -> ReferenceTrainingState:
-    """The PWC state a live reference model keeps in attributes."""
-    fusion = model.fusion_module
-    return ReferenceTrainingState(_to_numpy(fusion.last_att), float(fusion.w1), float(fusion.w2),
-                                  int(model.cur_epoch))

@@ -5,7 +5,7 @@ batches.
 Tolerances are float32 tolerances, justified in docs/parity.md.
 """
 import copy
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,73 @@ ADAM_DRIFT = 6.4
 TOL_EPOCH_LOSS = 1e-3     # relative, on an epoch's summed loss after several epochs
 TOL_METRIC_SAME_EMB = 1e-4   # one unit of the 4-decimal rounding
 TOL_METRIC_TRAINED = 5e-3    # after independent float32 training on both sides
+
+
+# ----------------------------------------------------------------------------------------------
+# LIRDRec's names in the reference, and the state it keeps outside its state_dict
+# ----------------------------------------------------------------------------------------------
+
+# reference key -> (our path, transpose)
+PARAM_TABLE: Dict[str, Tuple[Tuple[str, ...], bool]] = {
+    'v_preference': (('image_preference',), False),
+    't_preference': (('text_preference',), False),
+    'id_preference': (('spectral_preference',), False),
+}
+for _ref, _ours in (('v', 'image'), ('t', 'text'), ('s', 'spectral')):
+    PARAM_TABLE[f'{_ref}_MLP.weight'] = ((f'{_ours}_tower', 'hidden', 'kernel'), True)
+    PARAM_TABLE[f'{_ref}_MLP.bias'] = ((f'{_ours}_tower', 'hidden', 'bias'), False)
+    PARAM_TABLE[f'{_ref}_MLP_1.weight'] = ((f'{_ours}_tower', 'out', 'kernel'), True)
+for _w in ('a', 'b', 'c'):
+    for _layer in ('fc1', 'fc2'):
+        PARAM_TABLE[f'fusion_module.weco_{_w}.{_layer}.weight'] = (
+            ('fusion', f'weco_{_w}', _layer, 'kernel'), True)
+        PARAM_TABLE[f'fusion_module.weco_{_w}.{_layer}.bias'] = (
+            ('fusion', f'weco_{_w}', _layer, 'bias'), False)
+PARAM_TABLE['fusion_module.theta'] = (('fusion', 'theta'), False)
+
+# Trainable copies of the frozen features that the reference's forward pass never reads
+# (docs/reference_quirks.md, D4).
+FEATURE_KEYS = {'image_embedding.weight': 'image', 'text_embedding.weight': 'text'}
+
+
+def state_dict_to_params(state_dict, template, features=None) -> dict:
+    """`convert.state_dict_to_params` with LIRDRec's names."""
+    return convert.state_dict_to_params(state_dict, template, features, table=PARAM_TABLE,
+                                        feature_keys=FEATURE_KEYS)
+
+
+def params_to_state_dict(params, features) -> dict:
+    """`convert.params_to_state_dict` with LIRDRec's names."""
+    return convert.params_to_state_dict(params, features, table=PARAM_TABLE,
+                                        feature_keys=FEATURE_KEYS)
+
+
+def adam_state_from_torch(optimizer_state, param_names, template) -> dict:
+    """`convert.adam_state_from_torch` with LIRDRec's names."""
+    return convert.adam_state_from_torch(optimizer_state, param_names, template,
+                                         table=PARAM_TABLE, feature_keys=FEATURE_KEYS)
+
+
+class ReferenceTrainingState(NamedTuple):
+    """What the reference keeps outside its state_dict, as module attributes.
+
+    Attributes:
+      attention: (n_users, 3) `fusion_module.last_att`, copied into theta at the next epoch.
+      w1, w2: `fusion_module.w1`, `fusion_module.w2`.
+      epochs_started: `cur_epoch` (the reference increments it at the start of each epoch).
+    """
+    attention: np.ndarray
+    w1: float
+    w2: float
+    epochs_started: int
+
+
+def training_state_from_reference(model) -> ReferenceTrainingState:
+    """The PWC state a live reference model keeps in attributes."""
+    fusion = model.fusion_module
+    return ReferenceTrainingState(convert.to_numpy(fusion.last_att), float(fusion.w1),
+                                  float(fusion.w2),
+                                  int(model.cur_epoch))
 
 
 class ReferenceSide(NamedTuple):
@@ -76,7 +143,7 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point_cfg) ->
 
 def _our_params_by_reference_key(params, dataset: MMRecDataset) -> dict:
     features = {'image': dataset.image_feat, 'text': dataset.text_feat}
-    return convert.params_to_state_dict(jax.tree.map(np.asarray, params), features)
+    return params_to_state_dict(jax.tree.map(np.asarray, params), features)
 
 
 def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_dir,
@@ -116,12 +183,12 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
     model = lirdrec.create(m, dataset.n_users, dataset.n_items)
     optimizer = optim.create_optimizer(float(o.weight_decay))
     template, _ = lirdrec.init(jax.random.PRNGKey(seed), model, frozen, frozen)
-    params = convert.state_dict_to_params(
+    params = state_dict_to_params(
         {k: numpy_of(v) for k, v in ref_model.state_dict().items()}, template,
         features={'image': dataset.image_feat, 'text': dataset.text_feat})
     params = jax.tree.map(jnp.asarray, params)
     # Export: our params as a state_dict that the reference model loads with strict=True.
-    exported = convert.params_to_state_dict(jax.tree.map(np.asarray, params),
+    exported = params_to_state_dict(jax.tree.map(np.asarray, params),
                                             {'image': dataset.image_feat, 'text': dataset.text_feat})
     probe = copy.deepcopy(ref_model)
     probe.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
@@ -307,7 +374,7 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
                                        atol=TOL_METRIC_TRAINED))
     ours_params = _our_params_by_reference_key(state.params, prepared.dataset)
     worst = max((float(np.abs(ours_params[k] - numpy_of(p)).max()), k)
-                for k, p in ref_model.named_parameters() if k in convert.PARAM_TABLE)
+                for k, p in ref_model.named_parameters() if k in PARAM_TABLE)
     out.append(C.Check(f'parameters after {epochs} epochs', worst[0], 0.0,
                        f'|d| <= {ADAM_DRIFT:g} * sum(lr)', worst[0] <= ADAM_DRIFT * lr_sum,
                        f'trajectory drift, worst: {worst[1]}'))

@@ -1,6 +1,6 @@
-"""The sections every model's config shares: data, optim, train, eval, graph, parallel, sweep,
-checkpoint. Each model's config file starts from `base(model_name)` and adds its `model`
-section and what its reference sets differently."""
+"""The config sections every model shares: data, optim, train, eval, graph, parallel, sweep,
+checkpoint. Each model's config file (configs/<model>.py) starts from `base(model_name, lr)`
+and adds its `model` section and what its reference sets differently."""
 import ml_collections
 
 MMREC_DATASETS = ('baby', 'sports', 'clothing', 'elec', 'microlens')
