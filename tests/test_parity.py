@@ -175,3 +175,28 @@ def test_saved_state_dict_file_converts(small, tmp_path):
     torch.save([1, 2], tmp_path / 'not_a_state_dict.pt')
     with pytest.raises(convert.ConversionError, match='not_a_state_dict.pt holds a list'):
         convert.load_state_dict_file(tmp_path / 'not_a_state_dict.pt')
+
+
+def test_reference_grads_in_float64_convert_parameters_and_tensor_attributes():
+    from lirdrec_jax.parity.common import reference_grads_in_float64
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+            self.x = torch.tensor([1e8, 3.0])  # a plain float32 attribute (like a graph)
+
+        def loss(self):
+            return ((self.x + self.w) ** 2).sum()
+
+    model = Model()
+    model.cached = model.w * 2  # a tensor with autograd history, as a last forward leaves
+    model.loss().backward()
+    g32 = model.w.grad.numpy().copy()
+    g64 = reference_grads_in_float64(model, lambda m: m.loss())['w']
+    # float32 loses w next to 1e8: 2 * (1e8 + 1) rounds to 2e8; float64 keeps it.
+    assert g32[0] == np.float32(2e8) and g64[0] == 2 * (1e8 + 1)
+    assert g64.dtype == np.float64 and g64[1] == 2 * (3.0 + 2.0)
+    # The model itself is untouched.
+    assert model.w.dtype == torch.float32 and model.x.dtype == torch.float32
+    assert model.cached.grad_fn is not None
