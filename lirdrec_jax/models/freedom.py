@@ -50,8 +50,8 @@ class Prepared(NamedTuple):
 
     Attributes:
       user_item: (U+I, U+I) BCOO, the full normalised adjacency D^-1/2 A D^-1/2 (binary A).
-      edges: the training rows and their sampling weights 1/sqrt(d_u d_i) (full-graph degrees,
-        repeated rows counted, as the reference's COO interaction matrix does).
+      edges: the distinct training pairs and their sampling weights 1/sqrt(d_u d_i) (full-graph
+        degrees), as the reference's deduplicated COO interaction matrix gives them.
       image, text: (I, d_m) float32 feature tables, or None when the file is absent.
       n_users, n_items: the dataset's counts.
     """
@@ -285,8 +285,8 @@ def epoch_schedule(model_cfg, host: dict, epoch: int) -> tuple:
 def epoch_inputs(prepared: Prepared, model_cfg, key: jax.Array, epoch: int):
     """The epoch's degree-sensitively pruned adjacency (the reference's pre_epoch_processing).
 
-    keep_count(n_edges, dropout) training rows are drawn without replacement with probability
-    proportional to 1/sqrt(d_u d_i) (full-graph degrees), renormalised with the kept subgraph's
+    keep_count(n_edges, dropout) distinct training pairs are drawn without replacement with
+    probability proportional to 1/sqrt(d_u d_i) (full-graph degrees), renormalised with the kept subgraph's
     own degrees and mirrored: a (U+I, U+I) BCOO with 2 * keep entries. None with dropout 0:
     the step then uses the full adjacency of `Frozen`, as the reference does.
     """
