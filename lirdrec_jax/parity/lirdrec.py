@@ -5,12 +5,11 @@ batches.
 Tolerances are float32 tolerances, justified in docs/parity.md.
 """
 import copy
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 
 from lirdrec_jax import evaluation, graph, optim, parallel, sampling, train
@@ -18,7 +17,8 @@ from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import lirdrec
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (TopkCapture, compare_sparse, grads_by_reference_key,
+from lirdrec_jax.parity.common import (ReferenceSide, TopkCapture, compare_sparse,
+                                       grads_by_reference_key,
                                        knn_tie_rows, numpy_of, reference_grads_in_float64,
                                        topk_check, torch_batch, torch_sparse_to_scipy)
 
@@ -104,14 +104,6 @@ def training_state_from_reference(model) -> ReferenceTrainingState:
     return ReferenceTrainingState(convert.to_numpy(fusion.last_att), float(fusion.w1),
                                   float(fusion.w2),
                                   int(model.cur_epoch))
-
-
-class ReferenceSide(NamedTuple):
-    """The PyTorch side: the model class and a trainer factory with the reference's interface
-    (`trainer.optimizer`, `trainer.lr_scheduler.step()`, `trainer._train_epoch(batches, epoch)`,
-    `trainer.evaluate(eval_data)`, `trainer.evaluator.evaluate(topk_list, eval_data)`)."""
-    model_class: type
-    make_trainer: Callable
 
 
 def reference_side(checkout) -> ReferenceSide:
@@ -323,7 +315,7 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
 
 def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepared, frozen,
                      point_cfg, epochs, seed, log) -> List[C.Check]:
-    m, o, t, e = point_cfg.model, point_cfg.optim, point_cfg.train, point_cfg.eval
+    m, t, e = point_cfg.model, point_cfg.train, point_cfg.eval
     out: List[C.Check] = []
     trainer = side.make_trainer(ref_cfg, ref_model)
     partitioner = parallel.Partitioner(num_devices=1)
