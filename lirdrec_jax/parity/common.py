@@ -6,8 +6,9 @@ from typing import Callable, List, NamedTuple, Optional
 import numpy as np
 import scipy.sparse as sp
 
-from lirdrec_jax import sampling
+from lirdrec_jax import evaluation, sampling
 from lirdrec_jax.parity import checks as C
+from lirdrec_jax.parity import reference
 
 
 class ReferenceSide(NamedTuple):
@@ -134,3 +135,25 @@ def reference_grads_in_float64(model, loss_of: Callable) -> dict:
     twin.zero_grad()
     loss_of(twin).backward()
     return {k: p.grad.detach().numpy() for k, p in twin.named_parameters() if p.grad is not None}
+
+
+def same_embedding_checks(trainer, users: np.ndarray, items: np.ndarray, prepared, eval_cfg,
+                          atol: float) -> List[C.Check]:
+    """Top-k lists and metrics of valid and test from identical embeddings: the reference's
+    evaluator (`trainer.evaluate`, which must score with `users`/`items`) against our ranking
+    of the same (n_users, d) and (n_items, d) arrays; lists may differ only at near-equal
+    scores, metrics by `atol`."""
+    capture = TopkCapture(trainer)
+    out = []
+    for name, split in (('valid', prepared.valid), ('test', prepared.test)):
+        ref_metrics = trainer.evaluate(reference.ReferenceEvalData(split,
+                                                                   int(eval_cfg.batch_size)))
+        ours_topk = evaluation.full_sort_topk(users, items, split, k=max(eval_cfg.topk))
+        ours_metrics = evaluation.topk_metrics(evaluation.hit_matrix(ours_topk, split),
+                                               split.pos_len, metrics=eval_cfg.metrics,
+                                               ks=eval_cfg.topk)
+        out.append(topk_check(f'{name} top-{ours_topk.shape[1]} lists', ours_topk,
+                              capture.lists, users[split.users], items))
+        out.append(C.metrics_check(f'{name} metrics, same embeddings', ours_metrics,
+                                   {k.lower(): v for k, v in ref_metrics.items()}, atol=atol))
+    return out

@@ -26,8 +26,9 @@ from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import freedom
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (ReferenceSide, TopkCapture, compare_sparse, knn_tie_rows,
-                                       numpy_of, topk_check, torch_batch, torch_sparse_to_scipy)
+from lirdrec_jax.parity.common import (ReferenceSide, compare_sparse, knn_tie_rows, numpy_of,
+                                       same_embedding_checks, torch_batch,
+                                       torch_sparse_to_scipy)
 
 MODEL = freedom.MODEL
 REFERENCE_REPO = 'enoche/FREEDOM'
@@ -394,18 +395,8 @@ def _single_step_checks(side, ref_model, ref_cfg, net, params, prepared, frozen,
     with torch.no_grad():
         eval_u, eval_i = ref_model.forward(ref_model.norm_adj)
     eval_u, eval_i = numpy_of(eval_u), numpy_of(eval_i)
-    capture = TopkCapture(trainer)
-    e = point_cfg.eval
-    for name, split in (('valid', prepared.valid), ('test', prepared.test)):
-        ref_metrics = trainer.evaluate(reference.ReferenceEvalData(split, int(e.batch_size)))
-        ours_topk = evaluation.full_sort_topk(eval_u, eval_i, split, k=max(e.topk))
-        ours_metrics = evaluation.topk_metrics(evaluation.hit_matrix(ours_topk, split),
-                                               split.pos_len, metrics=e.metrics, ks=e.topk)
-        out.append(topk_check(f'{name} top-{ours_topk.shape[1]} lists', ours_topk,
-                              capture.lists, eval_u[split.users], eval_i))
-        out.append(C.metrics_check(f'{name} metrics, same embeddings', ours_metrics,
-                                   {k.lower(): v for k, v in ref_metrics.items()},
-                                   atol=TOL_METRIC_SAME_EMB))
+    out += same_embedding_checks(trainer, eval_u, eval_i, prepared, point_cfg.eval,
+                                 TOL_METRIC_SAME_EMB)
     return out
 
 

@@ -17,10 +17,10 @@ from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import lirdrec
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (ReferenceSide, TopkCapture, compare_sparse,
-                                       grads_by_reference_key,
+from lirdrec_jax.parity.common import (ReferenceSide, compare_sparse, grads_by_reference_key,
                                        knn_tie_rows, numpy_of, reference_grads_in_float64,
-                                       topk_check, torch_batch, torch_sparse_to_scipy)
+                                       same_embedding_checks, torch_batch,
+                                       torch_sparse_to_scipy)
 
 # Tolerances (docs/parity.md explains each).
 TOL_GRAPH = 1e-6          # absolute, on normalised graph entries (values <= 1)
@@ -295,21 +295,9 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
                          numpy_of(ref_model.fusion_module.theta), atol=TOL_ATT))
 
     # Top-k lists and metrics from identical embeddings (the reference's forward above).
-    capture = TopkCapture(trainer)
     ref_model.result_embed = torch.cat((ref_u, ref_i), 0)
-    for name, split in (('valid', prepared.valid), ('test', prepared.test)):
-        ref_metrics = trainer.evaluate(reference.ReferenceEvalData(split,
-                                                                   int(point_cfg.eval.batch_size)))
-        ours_topk = evaluation.full_sort_topk(numpy_of(ref_u), numpy_of(ref_i), split,
-                                              k=max(point_cfg.eval.topk))
-        ours_metrics = evaluation.topk_metrics(evaluation.hit_matrix(ours_topk, split),
-                                               split.pos_len, metrics=point_cfg.eval.metrics,
-                                               ks=point_cfg.eval.topk)
-        out.append(topk_check(f'{name} top-{ours_topk.shape[1]} lists', ours_topk, capture.lists,
-                               numpy_of(ref_u)[split.users], numpy_of(ref_i)))
-        out.append(C.metrics_check(f'{name} metrics, same embeddings', ours_metrics,
-                                   {k.lower(): v for k, v in ref_metrics.items()},
-                                   atol=TOL_METRIC_SAME_EMB))
+    out += same_embedding_checks(trainer, numpy_of(ref_u), numpy_of(ref_i), prepared,
+                                 point_cfg.eval, TOL_METRIC_SAME_EMB)
     return out
 
 
