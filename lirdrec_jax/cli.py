@@ -52,7 +52,9 @@ def _config_path(argv) -> str:
 
 def load_config(path: str):
     """The config of `file.py[:variant]` (its `get_config(variant)`), as absl's config_flags
-    would load it; a missing file exits with an error line."""
+    would load it; a missing file or a variant that `get_config` rejects (a ValueError naming
+    the valid ones) exits with one error line, before absl loads the file and shows a
+    traceback."""
     file_part, _, variant = path.partition(':')
     if not os.path.isfile(file_part):
         raise SystemExit(f'error: config file {file_part!r} not found (run from the repository '
@@ -60,7 +62,10 @@ def load_config(path: str):
     spec = importlib.util.spec_from_file_location('_lirdrec_jax_config_file', file_part)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    try:
+        return module.get_config(variant) if variant else module.get_config()
+    except ValueError as err:
+        raise SystemExit(f'error: config {path!r}: {err}') from None
 
 
 def precheck(argv) -> None:

@@ -66,6 +66,8 @@ def base(model_name: str, learning_rate: float) -> ml_collections.ConfigDict:
 
 
 def check_variant(arg: str) -> None:
+    """ValueError naming `arg` and the valid dataset variants unless it is one of them
+    (`lirdrec_jax.cli.load_config` turns it into one error line)."""
     if arg != 'synthetic' and arg not in MMREC_DATASETS:
         raise ValueError(f'unknown config variant {arg!r}; expected one of '
                          f'synthetic, {", ".join(MMREC_DATASETS)}')

@@ -2,7 +2,8 @@
 
 `load_mmrec` converts `<data_dir>/<name>/` once into a cached `.npz` (see
 `lirdrec_jax.mmrec_files`, which holds the parsing and validation) and reads that cache on
-later runs.
+later runs. When the cache cannot be written (read-only folder, disk full), it warns and goes on
+from the converted arrays in memory: the cache only saves time.
 """
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -70,7 +71,7 @@ def _checked_ids(z, key: str, n: int, cache: Path) -> np.ndarray:
 
 def _checked_features(z, key: str, n_items: int, cache: Path) -> Optional[np.ndarray]:
     """(n_items, d) float32 features of one cache field, or None when absent."""
-    if key not in z.files:
+    if key not in z:
         return None
     feat = np.asarray(z[key])
     if feat.ndim != 2 or feat.shape[0] != n_items:
@@ -90,27 +91,33 @@ def read_cache(cache: Path, name: str) -> MMRecDataset:
       The dataset.
     """
     try:
-        z = np.load(cache, allow_pickle=False)
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
     except Exception as e:
         raise DataError(f'{cache}: cannot be read as a .npz cache ({type(e).__name__}: {e}); '
                         f'delete it to rebuild it') from e
-    with z:
-        missing = [k for k in ('n_users', 'n_items', 'train_users', 'train_items', 'valid_users',
-                               'valid_items', 'test_users', 'test_items') if k not in z.files]
-        if missing:
-            raise DataError(f'{cache}: missing field(s) {missing}; found {sorted(z.files)} '
-                            f'(delete the cache to rebuild it)')
-        n_users, n_items = int(z['n_users']), int(z['n_items'])
-        splits = {}
-        for split in ('train', 'valid', 'test'):
-            users = _checked_ids(z, f'{split}_users', n_users, cache)
-            items = _checked_ids(z, f'{split}_items', n_items, cache)
-            if users.shape != items.shape:
-                raise DataError(f'{cache}: {split}_users has {users.shape[0]} rows but '
-                                f'{split}_items has {items.shape[0]}; expected equal lengths')
-            splits[split] = Interactions(users, items)
-        image = _checked_features(z, 'image_feat', n_items, cache)
-        text = _checked_features(z, 'text_feat', n_items, cache)
+    return dataset_from_arrays(arrays, name, cache)
+
+
+def dataset_from_arrays(z: dict, name: str, cache: Path) -> MMRecDataset:
+    """The dataset held by the cache's arrays (`mmrec_files.convert_arrays`), checked as
+    `read_cache` checks them; `cache` names them in messages."""
+    missing = [k for k in ('n_users', 'n_items', 'train_users', 'train_items', 'valid_users',
+                           'valid_items', 'test_users', 'test_items') if k not in z]
+    if missing:
+        raise DataError(f'{cache}: missing field(s) {missing}; found {sorted(z)} '
+                        f'(delete the cache to rebuild it)')
+    n_users, n_items = int(z['n_users']), int(z['n_items'])
+    splits = {}
+    for split in ('train', 'valid', 'test'):
+        users = _checked_ids(z, f'{split}_users', n_users, cache)
+        items = _checked_ids(z, f'{split}_items', n_items, cache)
+        if users.shape != items.shape:
+            raise DataError(f'{cache}: {split}_users has {users.shape[0]} rows but '
+                            f'{split}_items has {items.shape[0]}; expected equal lengths')
+        splits[split] = Interactions(users, items)
+    image = _checked_features(z, 'image_feat', n_items, cache)
+    text = _checked_features(z, 'text_feat', n_items, cache)
     if image is None and text is None:
         raise DataError(f'{cache}: holds neither image_feat nor text_feat; expected at least one '
                         f'(delete the cache to rebuild it)')
@@ -138,9 +145,15 @@ def load_mmrec(data_dir, name: str, *, image_file: str = 'image_feat.npy',
     dataset_dir = Path(data_dir) / name
     cache = _cache_location(dataset_dir, name, cache_dir)
     kw = dict(image_file=image_file, text_file=text_file)
-    if not mmrec_files.cache_is_fresh(dataset_dir, name, cache, **kw):
-        mmrec_files.convert_mmrec(dataset_dir, name, cache_path=cache, **kw)
-    return read_cache(cache, name)
+    if mmrec_files.cache_is_fresh(dataset_dir, name, cache, **kw):
+        return read_cache(cache, name)
+    arrays = mmrec_files.convert_arrays(dataset_dir, name, **kw)
+    try:
+        mmrec_files.write_cache(cache, arrays)
+    except mmrec_files.CacheWriteError as e:
+        # A warning, not an error: the run has its arrays, only the next run's shortcut is lost.
+        mmrec_files.warn(f'{e}; this run continues without it')
+    return dataset_from_arrays(arrays, name, cache)
 
 
 def describe(dataset: MMRecDataset) -> str:

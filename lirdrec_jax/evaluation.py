@@ -276,7 +276,9 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
     partitioner = partitioner or parallel.single_device()
     n_items = item_emb.shape[0]
     if not 0 < k <= n_items:
-        raise ValueError(f'k={k} must be in [1, n_items={n_items}]')
+        # Every caller passes max(eval.topk); train.check_point_config normally rejects it first.
+        raise ValueError(f'config field eval.topk: the largest cutoff is {k}; expected cutoffs '
+                         f'in [1, n_items={n_items}] (the number of items)')
     if split.n_eval == 0:
         return np.zeros((0, k), np.int32)
     batch = max(1, min(int(batch_size), split.n_eval))

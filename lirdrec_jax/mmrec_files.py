@@ -13,8 +13,14 @@ The conversion (`convert_mmrec`, cached as `.npz`; `lirdrec_jax.data.load_mmrec`
 cache) reproduces the reference's (MMRec's) reading of these files:
   * n_users = max(userID over all rows) + 1 and n_items = max(itemID over all rows) + 1,
     counting rows of every split, including the ones dropped below;
-  * each split keeps the row order of the file, and duplicate (user, item) train rows stay;
+  * each split keeps the row order of the file, and duplicate (user, item) rows stay (their
+    count and first line are reported once, as a warning, when the cache is built);
   * valid/test rows whose user has no train row are dropped (MMRec cannot rank for them).
+
+Integer feature files are converted to float32 with one warning per file, also when the cache
+is built; a run that reuses the cache reads float32 arrays and says nothing. The cache is keyed
+on the content (SHA-256) of the source files; when it cannot be written (read-only folder, disk
+full), `lirdrec_jax.data.load_mmrec` warns and trains from the arrays in memory.
 
 Also here, because both the data commands (`data_prep`) and the synthetic generator
 (`lirdrec_jax.synthetic`) write this layout: `format_inter` (the `.inter` text) and MMRec's
@@ -23,8 +29,10 @@ chronological split into x_label 0/1/2).
 
 The command-line front end is `python -m data_prep.mmrec` (data_prep/mmrec.py).
 """
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
@@ -39,11 +47,24 @@ class DataError(ValueError):
     what was expected."""
 
 
+class CacheWriteError(DataError):
+    """The converted arrays could not be written to the cache (the message names the path and
+    the option that moves the cache)."""
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr: the input is used, but the user should know."""
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
 REQUIRED_COLUMNS = ('userID', 'itemID', 'x_label')
 SPLIT_NAMES = ('train', 'valid', 'test')
 CACHE_DIRNAME = '.lirdrec_jax_cache'
 # Bump when the cache's content or meaning changes, so that old caches count as stale.
-CACHE_FORMAT = 1
+# 2: keyed on the SHA-256 of each source file (1: on name, size and mtime).
+CACHE_FORMAT = 2
+# Where the cache goes instead, for messages (data_prep.mmrec spells it --cache_dir DIR).
+CACHE_OPTION = '--config.data.cache_dir=DIR'
 # Ids are stored as int32 (as the model's index arrays); larger ids cannot be represented.
 MAX_ID = np.iinfo(np.int32).max - 1
 
@@ -271,16 +292,49 @@ def split_interactions(columns: InterColumns, path: PathLike) -> Splits:
     return Splits(n_users, n_items, arrays, dropped)
 
 
+def find_duplicates(columns: InterColumns) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """Rows whose (user, item) pair appeared on an earlier row, whatever the splits.
+
+    Returns:
+      (number of such rows, (index of the first such row, index of the row it repeats)) with
+      indices into the columns; (0, None) when every pair is distinct.
+    """
+    users, items = columns.users, columns.items
+    if users.size < 2:
+        return 0, None
+    key = users * (int(items.max()) + 1) + items  # ids < 2**31, so no int64 overflow
+    order = np.argsort(key, kind='stable')  # equal keys stay in file order
+    later = order[np.flatnonzero(key[order][1:] == key[order][:-1]) + 1]
+    if not later.size:
+        return 0, None
+    first = int(later.min())
+    return int(later.size), (first, int(np.flatnonzero(key == key[first])[0]))
+
+
+def report_duplicates(columns: InterColumns, path: PathLike) -> int:
+    """Warns once when (user, item) pairs repeat; returns their count. The rows stay: MMRec
+    keeps them in its interaction lists (docs/reference_quirks.md, R11)."""
+    count, where = find_duplicates(columns)
+    if count:
+        row, earlier = where
+        warn(f'{path}: {count} duplicate (user, item) row(s), kept as MMRec keeps them; the '
+             f'first: line {columns.line_numbers[row]} repeats user {columns.users[row]}, item '
+             f'{columns.items[row]} of line {columns.line_numbers[earlier]}')
+    return count
+
+
 # --------------------------------------------------------------------------- features
 
 
-def validate_features(feat: np.ndarray, path: PathLike, n_items: int) -> np.ndarray:
+def validate_features(feat: np.ndarray, path: PathLike, n_items: int,
+                      largest_item: str = '') -> np.ndarray:
     """Checks one feature matrix and returns it as float32.
 
     Args:
       feat: the loaded array, expected (n_items, d).
       path: its file, for messages.
       n_items: max item id + 1 from the `.inter` file.
+      largest_item: where that id is, for messages ('<file>, line L has itemID I'); '' = unknown.
 
     Returns:
       (n_items, d) float32.
@@ -293,8 +347,10 @@ def validate_features(feat: np.ndarray, path: PathLike, n_items: int) -> np.ndar
         raise DataError(f'{path}: shape {feat.shape} is {feat.ndim}-D; expected a 2-D array of '
                         f'shape (n_items={n_items}, d)')
     if feat.shape[0] != n_items:
-        raise DataError(f'{path}: {feat.shape[0]} rows but the .inter file has n_items={n_items} '
-                        f'(max itemID + 1); expected one row per item, row i describing item i')
+        source = (f'{largest_item} (the largest, so n_items={n_items})' if largest_item else
+                  f'the .inter file has n_items={n_items} (max itemID + 1)')
+        raise DataError(f'{path}: {feat.shape[0]} rows but {source}; expected one row per item, '
+                        f'row i describing item i')
     if feat.shape[1] == 0:
         raise DataError(f'{path}: shape {feat.shape} has no feature columns; expected (n_items, d) '
                         f'with d >= 1')
@@ -314,8 +370,13 @@ def validate_features(feat: np.ndarray, path: PathLike, n_items: int) -> np.ndar
     return feat
 
 
-def load_features(path: PathLike, n_items: int) -> np.ndarray:
-    """Loads and validates one `.npy` feature file; returns (n_items, d) float32."""
+def load_features(path: PathLike, n_items: int, largest_item: str = '') -> np.ndarray:
+    """Loads and validates one `.npy` feature file; returns (n_items, d) float32.
+
+    An integer file is converted with one warning: MMRec's feature files are float, so integer
+    values (exact in float32 only up to 2**24) are more likely a mistake than a choice.
+    `largest_item`: see `validate_features`.
+    """
     path = Path(path)
     try:
         with open(path, 'rb') as f:
@@ -332,41 +393,55 @@ def load_features(path: PathLike, n_items: int) -> np.ndarray:
     except Exception as e:  # any failure means the file is not a usable .npy array
         raise DataError(f'{path}: cannot be loaded as a .npy array ({type(e).__name__}: {e}); '
                         f'expected a float array saved with numpy.save') from e
-    return validate_features(feat, path, n_items)
+    converted = validate_features(feat, path, n_items, largest_item)
+    if np.issubdtype(feat.dtype, np.integer):
+        warn(f'{path}: dtype {feat.dtype} converted to float32 (expected a float array; the '
+             f'integer values are used as they are)')
+    return converted
 
 
 # --------------------------------------------------------------------------- cache
 
 
-def _file_stamp(path: Path):
-    """[name, size, mtime_ns] of a file, or None when absent."""
+HASH_CHUNK = 1 << 20  # bytes read at a time: memory stays flat for any file size
+
+
+def _file_digest(path: Path):
+    """[name, SHA-256 hex digest of the content] of a file, or None when absent."""
     if not path.is_file():
         return None
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b''):
+            digest.update(chunk)
+    return [path.name, digest.hexdigest()]
 
 
 def source_fingerprint(dataset_dir: PathLike, name: str, *, image_file: str = 'image_feat.npy',
                        text_file: str = 'text_feat.npy') -> str:
     """A string that changes whenever a source file is replaced, edited, added or removed.
 
-    Built from the file names, sizes and modification times (not contents: hashing the
-    multi-hundred-MB feature files would cost more than the check saves).
+    Built from the file names and the SHA-256 of their contents, so that an edit that keeps the
+    size and restores the modification time (a copy with `cp -p`, a checkout) is still seen.
+    Every run pays for it: SHA-256 (with the CPU's SHA extensions as fast as sha1 and twice as
+    fast as md5 or blake2b) hashes Baby's 115 MB image features in 0.1-0.2 s.
     """
     dataset_dir = Path(dataset_dir)
     return json.dumps({
         'format': CACHE_FORMAT,
-        'inter': _file_stamp(inter_path(dataset_dir, name)),
-        'image': _file_stamp(dataset_dir / image_file) if image_file else None,
-        'text': _file_stamp(dataset_dir / text_file) if text_file else None,
+        'inter': _file_digest(inter_path(dataset_dir, name)),
+        'image': _file_digest(dataset_dir / image_file) if image_file else None,
+        'text': _file_digest(dataset_dir / text_file) if text_file else None,
     }, sort_keys=True)
 
 
 def cache_is_fresh(dataset_dir: PathLike, name: str, cache_path: Optional[PathLike] = None, *,
                    image_file: str = 'image_feat.npy', text_file: str = 'text_feat.npy') -> bool:
-    """True when `cache_path` exists, is readable and was built from the current source files.
+    """True when `cache_path` exists, is readable and was built from the current source files
+    (the same contents, see `source_fingerprint`) by this cache format.
 
-    Never raises for missing or unreadable files: those just make the cache not fresh.
+    Never raises for missing or unreadable files, or for a cache written with an older key:
+    those just make the cache not fresh.
     """
     cache_path = Path(cache_path) if cache_path else default_cache_path(dataset_dir, name)
     if not cache_path.is_file() or not inter_path(dataset_dir, name).is_file():
@@ -384,22 +459,31 @@ def _write_npz_atomic(path: Path, arrays: Dict[str, np.ndarray]) -> None:
     """Writes `arrays` to `path` via a temp file in the same folder and `os.replace`.
 
     A crash mid-write leaves at most a stray temp file, never a truncated cache that a later
-    run would trust.
+    run would trust; a failed write (no permission, disk full) removes its temp file and raises
+    CacheWriteError.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}-', suffix='.npz.tmp')
     except OSError as e:
-        raise OSError(f'cannot create the cache folder or file in {path.parent} ({e}); pass '
-                      f'another cache location (cache_path= / --cache_dir)') from e
+        raise _cache_write_error(path, e) from e
     try:
         with os.fdopen(fd, 'wb') as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _cache_write_error(path, e) from e
         raise
+
+
+def _cache_write_error(path: Path, err: OSError) -> CacheWriteError:
+    reason = f'{err.strerror}: {err.filename}' if err.strerror and err.filename else err
+    return CacheWriteError(f'cannot write the dataset cache {path} ({reason}); choose a writable '
+                           f'folder with {CACHE_OPTION} (python -m data_prep.mmrec: --cache_dir '
+                           f'DIR)')
 
 
 def prepare_arrays(dataset_dir: PathLike, name: str, *, image_file: str = 'image_feat.npy',
@@ -419,7 +503,11 @@ def prepare_arrays(dataset_dir: PathLike, name: str, *, image_file: str = 'image
     """
     dataset_dir = Path(dataset_dir)
     path = check_layout(dataset_dir, name)
-    splits = split_interactions(read_inter(path), path)
+    columns = read_inter(path)
+    splits = split_interactions(columns, path)
+    report_duplicates(columns, path)
+    top = int(np.argmax(columns.items))  # the first row holding the largest item id
+    largest_item = f'{path}, line {columns.line_numbers[top]} has itemID {columns.items[top]}'
 
     feature_paths = {key: dataset_dir / fname
                      for key, fname in (('image_feat', image_file), ('text_feat', text_file))
@@ -435,8 +523,26 @@ def prepare_arrays(dataset_dir: PathLike, name: str, *, image_file: str = 'image
               'dropped_test': np.int64(splits.dropped['test'])}
     arrays.update(splits.arrays)
     for key, p in present.items():
-        arrays[key] = load_features(p, splits.n_items)
+        arrays[key] = load_features(p, splits.n_items, largest_item)
     return arrays, summary_stats(arrays)
+
+
+def convert_arrays(dataset_dir: PathLike, name: str, *, image_file: str = 'image_feat.npy',
+                   text_file: str = 'text_feat.npy') -> Dict[str, np.ndarray]:
+    """The cache's arrays (see `convert_mmrec`), source_fingerprint included, without writing
+    them; arguments as for `convert_mmrec`."""
+    # Fingerprint before reading, so that a file changed during the read makes the cache stale.
+    fingerprint = source_fingerprint(dataset_dir, name, image_file=image_file,
+                                     text_file=text_file)
+    arrays, _ = prepare_arrays(dataset_dir, name, image_file=image_file, text_file=text_file)
+    arrays['source_fingerprint'] = np.str_(fingerprint)
+    return arrays
+
+
+def write_cache(cache_path: PathLike, arrays: Dict[str, np.ndarray]) -> Path:
+    """Writes `convert_arrays`' result atomically; CacheWriteError when that fails."""
+    _write_npz_atomic(Path(cache_path), arrays)
+    return Path(cache_path)
 
 
 def convert_mmrec(dataset_dir: PathLike, name: str, *, image_file: str = 'image_feat.npy',
@@ -458,16 +564,12 @@ def convert_mmrec(dataset_dir: PathLike, name: str, *, image_file: str = 'image_
       The cache path.
 
     Raises:
-      DataError: a source file is missing or malformed.
+      DataError: a source file is missing or malformed; CacheWriteError (a DataError): the
+        cache cannot be written.
     """
     cache_path = Path(cache_path) if cache_path else default_cache_path(dataset_dir, name)
-    # Fingerprint before reading, so that a file changed during the read makes the cache stale.
-    fingerprint = source_fingerprint(dataset_dir, name, image_file=image_file,
-                                     text_file=text_file)
-    arrays, _ = prepare_arrays(dataset_dir, name, image_file=image_file, text_file=text_file)
-    arrays['source_fingerprint'] = np.str_(fingerprint)
-    _write_npz_atomic(cache_path, arrays)
-    return cache_path
+    return write_cache(cache_path, convert_arrays(dataset_dir, name, image_file=image_file,
+                                                  text_file=text_file))
 
 
 # --------------------------------------------------------------------------- summary

@@ -1,5 +1,7 @@
 """Tests of MMRec-layout conversion (lirdrec_jax.mmrec_files), loading (lirdrec_jax.data) and the
 `python -m data_prep.mmrec` front end."""
+import errno
+import json
 import os
 import re
 
@@ -141,8 +143,8 @@ def test_cache_reused_when_fresh_and_rebuilt_when_inter_changes(tmp_path, monkey
     assert mmrec_files.cache_is_fresh(folder, NAME, cache)
 
     calls = []
-    real_convert = mmrec_files.convert_mmrec
-    monkeypatch.setattr(mmrec_files, 'convert_mmrec',
+    real_convert = mmrec_files.convert_arrays
+    monkeypatch.setattr(mmrec_files, 'convert_arrays',
                         lambda *a, **k: calls.append(1) or real_convert(*a, **k))
     data.load_mmrec(tmp_path, NAME)
     assert calls == []  # fresh: reused
@@ -153,10 +155,10 @@ def test_cache_reused_when_fresh_and_rebuilt_when_inter_changes(tmp_path, monkey
     assert calls == [1]
     np.testing.assert_array_equal(ds.train.users, [0, 0, 1, 1, 1, 2])
 
-    # Same size, new mtime (an in-place edit) is also detected.
+    # The key is the content: a new mtime alone (a touch, a fresh copy) keeps the cache.
     stat = (folder / 'toy.inter').stat()
     os.utime(folder / 'toy.inter', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert not mmrec_files.cache_is_fresh(folder, NAME, cache)
+    assert mmrec_files.cache_is_fresh(folder, NAME, cache)
 
 
 def test_cache_stale_when_feature_file_removed_or_cache_corrupt(tmp_path):
@@ -186,6 +188,117 @@ def test_inconsistent_cache_is_rejected(tmp_path):
     arrays['train_items'] = arrays['train_items'] + 100  # out of range, fingerprint kept
     np.savez(cache, **arrays)
     with pytest.raises(DataError, match=r'toy\.npz: field train_items .*expected ids in \[0, 6\)'):
+        data.load_mmrec(tmp_path, NAME)
+
+
+def test_same_size_edit_with_restored_mtime_rebuilds_cache(tmp_path):
+    folder = make_dataset(tmp_path)
+    data.load_mmrec(tmp_path, NAME)
+
+    def edit_keeping_size_and_mtime(path, content):
+        stat = path.stat()
+        assert len(content) == stat.st_size
+        path.write_bytes(content)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    inter = folder / 'toy.inter'
+    edit_keeping_size_and_mtime(inter, inter_text(_rows_with(3, (0, 4, 0))).encode())
+    image = folder / 'image_feat.npy'
+    edit_keeping_size_and_mtime(image, image.read_bytes()[:-4] + np.float32(7.5).tobytes())
+    ds = data.load_mmrec(tmp_path, NAME)
+    np.testing.assert_array_equal(ds.train.items, [0, 4, 2, 0, 0])
+    assert ds.image_feat[-1, -1] == 7.5
+
+
+def test_cache_with_old_fingerprint_is_rebuilt(tmp_path):
+    folder = make_dataset(tmp_path)
+    cache = mmrec_files.convert_mmrec(folder, NAME)
+    # A cache written when the key was [name, size, mtime_ns] of each source file.
+    stamp = lambda p: [p.name, p.stat().st_size, p.stat().st_mtime_ns]
+    old_key = json.dumps({'format': 1, 'inter': stamp(folder / 'toy.inter'),
+                          'image': stamp(folder / 'image_feat.npy'),
+                          'text': stamp(folder / 'text_feat.npy')}, sort_keys=True)
+    with np.load(cache, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays['source_fingerprint'] = np.str_(old_key)
+    arrays['train_items'] = arrays['train_items'][::-1].copy()  # what a stale cache would hold
+    np.savez(cache, **arrays)
+    assert not mmrec_files.cache_is_fresh(folder, NAME, cache)
+    np.testing.assert_array_equal(data.load_mmrec(tmp_path, NAME).train.items, [0, 1, 2, 0, 0])
+    assert mmrec_files.cache_is_fresh(folder, NAME, cache)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+def test_cache_write_failure_warns_and_continues_without_cache(tmp_path, monkeypatch, capsys):
+    folder = make_dataset(tmp_path)
+    monkeypatch.setattr(np, 'savez', _disk_full)
+    ds = data.load_mmrec(tmp_path, NAME)
+    assert ds.n_items == N_ITEMS and ds.image_feat.shape == (6, 4)
+    cache_folder = folder / '.lirdrec_jax_cache'
+    assert not [p for p in cache_folder.iterdir()]  # no cache, no stray temp file
+    warnings = [l for l in capsys.readouterr().err.splitlines() if 'dataset cache' in l]
+    assert len(warnings) == 1, warnings
+    assert re.search(r'^warning: cannot write the dataset cache .*toy\.npz \(.*No space left'
+                     r'.*--config\.data\.cache_dir=DIR', warnings[0]), warnings[0]
+
+
+def test_uncreatable_cache_dir_warns_and_continues(tmp_path, capsys):
+    make_dataset(tmp_path)
+    blocker = tmp_path / 'not_a_folder'
+    blocker.write_text('')
+    ds = data.load_mmrec(tmp_path, NAME, cache_dir=blocker / 'cache')
+    assert ds.n_items == N_ITEMS
+    err = capsys.readouterr().err
+    assert re.search(r'warning: cannot write the dataset cache .*not_a_folder/cache/toy\.npz'
+                     r'.*--config\.data\.cache_dir=DIR', err), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='file modes do not deny root')
+def test_read_only_data_folder_warns_and_continues(tmp_path, capsys):
+    folder = make_dataset(tmp_path)
+    folder.chmod(0o555)
+    try:
+        ds = data.load_mmrec(tmp_path, NAME)
+    finally:
+        folder.chmod(0o755)
+    assert ds.n_items == N_ITEMS
+    assert not (folder / '.lirdrec_jax_cache').exists()
+    err = capsys.readouterr().err
+    assert re.search(r'warning: cannot write the dataset cache .*\.lirdrec_jax_cache/toy\.npz'
+                     r'.*--config\.data\.cache_dir=DIR', err), err
+
+
+# --------------------------------------------------------------------------- reported, kept
+
+
+def test_integer_features_are_converted_with_one_warning(tmp_path, capsys):
+    make_dataset(tmp_path, image=(features(dim=4) * 10).astype(np.int64))
+    ds = data.load_mmrec(tmp_path, NAME)
+    assert ds.image_feat.dtype == np.float32
+    lines = [l for l in capsys.readouterr().err.splitlines() if 'image_feat.npy' in l]
+    assert len(lines) == 1 and re.search(r'^warning: .*image_feat\.npy: dtype int64 .*float32',
+                                         lines[0]), lines
+    data.load_mmrec(tmp_path, NAME)  # the cache holds float32 already: nothing to say
+    assert 'image_feat.npy' not in capsys.readouterr().err
+
+
+def test_duplicate_rows_are_kept_and_reported_once(tmp_path, capsys):
+    make_dataset(tmp_path)  # ROWS repeat (user 1, item 0) on file lines 9 and 10
+    ds = data.load_mmrec(tmp_path, NAME)
+    np.testing.assert_array_equal(ds.train.users, [0, 0, 1, 1, 1])
+    lines = [l for l in capsys.readouterr().err.splitlines() if 'duplicate' in l]
+    assert len(lines) == 1, lines
+    assert re.search(r'^warning: .*toy\.inter: 1 duplicate \(user, item\) row.*line 10 '
+                     r'repeats user 1, item 0 of line 9', lines[0]), lines[0]
+
+
+def test_item_beyond_feature_rows_names_the_inter_line(tmp_path):
+    make_dataset(tmp_path, image=features(n_rows=5))  # ROWS' largest item, 5, is on line 11
+    with pytest.raises(DataError, match=r'image_feat\.npy: 5 rows but .*toy\.inter, line 11 '
+                                        r'has itemID 5 \(the largest, so n_items=6\)'):
         data.load_mmrec(tmp_path, NAME)
 
 
@@ -299,7 +412,8 @@ BAD_FEATURES = {
         r'image_feat\.npy: shape \(6, 2, 2\) is 3-D'),
     'wrong_rows': (
         dict(image=features(n_rows=5)),
-        r'image_feat\.npy: 5 rows but the \.inter file has n_items=6 .*row i describing item i'),
+        r'image_feat\.npy: 5 rows but .*toy\.inter, line 11 has itemID 5 \(the largest, so '
+        r'n_items=6\); expected one row per item, row i describing item i'),
     'no_columns': (
         dict(textfeat=np.zeros((6, 0))),
         r'text_feat\.npy: shape \(6, 0\) has no feature columns'),
