@@ -22,7 +22,8 @@ from typing import Callable, NamedTuple, Optional
 import ml_collections
 
 from lirdrec_jax import data as data_lib
-from lirdrec_jax import evaluation, grid, models, parallel, reporting, sweep, train
+from lirdrec_jax import (evaluation, grid, models, parallel, reporting, rundir, storage, sweep,
+                         train)
 
 # Keys whose change between the interrupted and the resumed run is harmless: where the run
 # writes, and how it is spread over devices and sweep groups (the same numbers up to float32
@@ -45,17 +46,20 @@ def load_dataset(data_cfg) -> data_lib.MMRecDataset:
 
 
 def run_directory(cfg, partitioner: parallel.Partitioner = None) -> Path:
-    """A new timestamped run directory, or (resume) the named / latest existing one. All
-    processes of a multi-process run agree on process 0's timestamp."""
+    """Where this run writes: the named run (`checkpoint.run_name`), or with `resume` the newest
+    run of this model and dataset that holds a checkpoint or a result (a start that failed
+    before training leaves only config files and is passed over), or a new timestamped
+    directory. All processes of a multi-process run agree on process 0's timestamp."""
     root = Path(cfg.checkpoint.output_dir)
-    prefix = f'{cfg.model_name}-{cfg.data.dataset}'
+    prefix = rundir.run_prefix(cfg.model_name, cfg.data.dataset)
     if cfg.checkpoint.run_name:
         return root / cfg.checkpoint.run_name
     if cfg.resume:
-        previous = sorted(root.glob(prefix + '-*')) if root.exists() else []
-        if not previous:
-            raise FileNotFoundError(f'resume=True but no earlier run {prefix}-* under {root}')
-        return previous[-1]
+        previous = rundir.latest_resumable(root, cfg.model_name, cfg.data.dataset)
+        if previous is None:
+            raise FileNotFoundError(f'resume=True but no earlier run {prefix}-* under {root} '
+                                    'holds a checkpoint; start without --config.resume=True')
+        return previous
     stamp = datetime.datetime.now().strftime('%Y%m%d%H%M%S')
     if partitioner is not None:
         stamp = str(partitioner.agree(int(stamp)))
@@ -82,8 +86,18 @@ def _check_resumable(saved_path: Path, cfg_dict: dict) -> None:
                          f'in {diff}; resume with the same config, or start a new run')
 
 
+# What to do when a write fails for lack of space or permission (storage.translated).
+STORAGE_REMEDY = ('choose another --config.checkpoint.output_dir; checkpoints written before '
+                  'are intact, and --config.resume=True continues from them')
+
+
 def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
-    """Train all grid points of `cfg`; returns the summary also written to results.json."""
+    """Train all grid points of `cfg`; returns the summary also written to results.json.
+
+    Everything that can be checked (config values, the data, the config values that depend on
+    the data) is checked before anything is written. File-system failures raise
+    storage.StorageError naming the path and the remedy.
+    """
     # Before anything touches JAX: join the other processes of a multi-process run.
     parallel.initialize_distributed(cfg.parallel.distributed)
     models.get_model(cfg.model_name)  # an unknown model is an error before anything is written
@@ -92,23 +106,55 @@ def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
     partitioner = train.create_partitioner(cfg.parallel)
     primary = partitioner.is_primary
     log = reporting.log if primary else (lambda message: None)
+    dataset = load_dataset(cfg.data)  # every process loads the data (and draws the same batches)
+    for point in points:
+        train.check_point_config(point.config, dataset.n_users, dataset.n_items)
+    prepared = train.prepare_data(dataset, cfg.model_name)
     workdir = run_directory(cfg, partitioner)
-    cfg_dict = cfg.to_dict()
-    if cfg.resume and (workdir / 'config.json').exists():
-        _check_resumable(workdir / 'config.json', cfg_dict)
-    elif not cfg.resume and workdir.exists() and any(workdir.iterdir()):
+    resume = _check_run_directory(cfg, workdir)  # on every process, before any writes
+    with storage.translated(STORAGE_REMEDY):
+        if not primary:
+            partitioner.barrier('run directory opened')
+            return _train_run(cfg, points, prepared, workdir, resume, partitioner, log,
+                              stop_after_epochs)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with rundir.RunLock(workdir, log):
+            _open_run(cfg, workdir, resume, log)
+            partitioner.barrier('run directory opened')
+            return _train_run(cfg, points, prepared, workdir, resume, partitioner, log,
+                              stop_after_epochs)
+
+
+def _check_run_directory(cfg, workdir: Path) -> bool:
+    """Whether the run resumes: the directory holds work (a checkpoint or a result) and
+    `resume` is set. Work without `resume`, or with a config that differs, is an error; a
+    directory holding only config files (a start that failed early) is started again."""
+    has_work = workdir.is_dir() and rundir.holds_work(workdir)
+    if has_work and not cfg.resume:
         raise FileExistsError(f'{workdir} already holds a run; pass --config.resume=True to '
                               'continue it, or choose another --config.checkpoint.run_name')
-    partitioner.barrier('run directory checked')  # every process checked before any writes
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        reporting.write_json(workdir / 'config.json', cfg_dict)
-    log(f'run directory: {workdir}')
-    log(f'devices: {partitioner.describe()}')
+    if has_work:
+        _check_resumable(workdir / 'config.json', cfg.to_dict())
+    return has_work
 
-    dataset = load_dataset(cfg.data)  # every process loads the data (and draws the same batches)
+
+def _open_run(cfg, workdir: Path, resume: bool, log) -> None:
+    """Say which run this is (and, resuming, where each point stands); write its config."""
+    if resume:
+        log(f'resuming run {workdir}: {rundir.describe_states(rundir.point_states(workdir))}')
+    else:
+        if cfg.resume:
+            log(f'run {workdir} holds no checkpoint yet: starting it')
+        log(f'run directory: {workdir}')
+    reporting.write_json(workdir / 'config.json', cfg.to_dict())
+
+
+def _train_run(cfg, points, prepared, workdir: Path, resume: bool,
+               partitioner: parallel.Partitioner, log, stop_after_epochs) -> dict:
+    """The grid points of an opened run directory, the summary and the results table."""
+    log(f'devices: {partitioner.describe()}')
+    dataset = prepared.dataset
     log(data_lib.describe(dataset))
-    prepared = train.prepare_data(dataset, cfg.model_name)
     metrics, ks = tuple(m.lower() for m in cfg.eval.metrics), tuple(cfg.eval.topk)
     popularity = {
         split: evaluation.evaluate_popularity(dataset.train.items, dataset.n_items,
@@ -116,7 +162,7 @@ def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
                                               partitioner=partitioner)
         for split in ('valid', 'test')}
 
-    context = _RunContext(len(points), prepared, workdir, cfg.resume, stop_after_epochs,
+    context = _RunContext(len(points), prepared, workdir, resume, stop_after_epochs,
                           partitioner, log)
     if cfg.sweep.mode == 'vmapped':
         by_index = {}
@@ -126,7 +172,7 @@ def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
     else:
         results = [_run_point(point, context) for point in points]
     summary = _summarise(cfg, results, popularity)
-    if primary:
+    if partitioner.is_primary:
         reporting.write_json(workdir / 'results.json', summary)
         _print_summary(cfg, summary)
     return summary

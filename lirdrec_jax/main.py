@@ -4,6 +4,7 @@ The config file's `get_config(variant)` returns a locked ml_collections config; 
 overridden with `--config.section.field=value`. A key that does not exist is an error that
 names it and lists the fields of its section.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -12,8 +13,10 @@ from ml_collections import config_flags
 
 from lirdrec_jax.cli import apply_aliases, precheck
 
-# Errors caused by the user's input; anything else keeps its traceback.
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)  # DataError is a ValueError
+# Errors caused by the user's input or environment; anything else keeps its traceback. OSError
+# covers file-system failures (storage.StorageError names the path and the remedy), a run
+# directory locked by another process (rundir.RunLockedError) and missing files.
+USER_ERRORS = (ValueError, OSError)  # DataError and CheckpointError are ValueErrors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lirdrec.py',
                                           'Config file, optionally with :variant.')
@@ -24,6 +27,8 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     # Orbax logs every save step at INFO through absl; progress lines are ours.
     logging.set_verbosity(logging.WARNING)
+    if not os.environ.get('LIRDREC_JAX_TRACEBACK'):
+        quiet_storage_noise()
     from lirdrec_jax import experiment  # heavy imports after flag parsing
     try:
         experiment.run(_CONFIG.value)
@@ -33,6 +38,34 @@ def main(argv):
         if os.environ.get('LIRDREC_JAX_TRACEBACK'):
             raise
         sys.exit(f'error: {err}\n(set LIRDREC_JAX_TRACEBACK=1 to see the traceback)')
+
+
+class _DropOrbaxRecords(std_logging.Filter):
+    """Orbax logs a failed save (disk full, read-only folder) over many lines before raising;
+    the error line that follows names the path and the remedy."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return '/orbax/' not in record.pathname.replace('\\', '/')
+
+
+def quiet_storage_noise() -> None:
+    """Silence orbax's log records, and the 'Event loop is closed' tracebacks and unretrieved
+    futures its storage threads leave when a save or restore has failed: they repeat the real
+    error, which the one `error:` line reports (LIRDREC_JAX_TRACEBACK=1 shows them all)."""
+    std_logging.getLogger('absl').addFilter(_DropOrbaxRecords())
+    # Orbax's storage coroutines whose results nobody reads after the failure ('Future
+    # exception was never retrieved'); nothing of ours runs on asyncio.
+    std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+    for handler in std_logging.getLogger().handlers + std_logging.getLogger('absl').handlers:
+        handler.addFilter(_DropOrbaxRecords())
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == 'Event loop is closed'):
+            return
+        default_hook(unraisable)
+    sys.unraisablehook = hook
 
 
 def run() -> None:

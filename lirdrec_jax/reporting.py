@@ -80,6 +80,14 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_json_lines(path: Path, payloads: Iterable[Any]) -> None:
+    """Write one JSON line per payload atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(json.dumps(p, sort_keys=True) + '\n' for p in payloads))
+    os.replace(tmp, path)
+
+
 def append_json_line(path: Path, payload: Any) -> None:
     with open(path, 'a') as f:
         f.write(json.dumps(payload, sort_keys=True) + '\n')

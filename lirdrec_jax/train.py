@@ -159,6 +159,7 @@ def check_point_config(cfg, n_users: int, n_items: int) -> None:
         (cfg.eval.valid_metric.lower() in metrics, 'eval.valid_metric',
          f'one of the computed metrics {metrics}'),
         (max(cfg.eval.topk) <= n_items, 'eval.topk', f'cutoffs <= n_items={n_items}'),
+        (cfg.optim.learning_rate > 0, 'optim.learning_rate', '> 0'),
         (cfg.train.batch_size >= 1, 'train.batch_size', '>= 1'),
         (cfg.train.eval_step >= 1, 'train.eval_step', '>= 1'),
         (cfg.model.get('cpu_dot', 'xla') in parallel.CPU_DOTS, 'model.cpu_dot',
@@ -415,11 +416,21 @@ class PointFiles:
 
     def end_epoch(self, progress: Progress, record: dict, saved_state: dict,
                   improved: bool) -> None:
+        """The checkpoint first, then the metrics line: a run killed in between has the epoch
+        in its checkpoint (whose history `restart_metrics` writes back on resume), never a
+        line without a checkpoint."""
         progress.history.append(record)
-        if self.primary:
-            reporting.append_json_line(self.workdir / 'metrics.jsonl', record)
         self.checkpoints.save(progress.epochs_done, saved_state, dataclasses.asdict(progress),
                               improved)
+        if self.primary:
+            reporting.append_json_line(self.workdir / 'metrics.jsonl', record)
+
+    def restart_metrics(self, history: List[dict]) -> None:
+        """metrics.jsonl := exactly the epochs of `history` (the checkpoint resumed from, or
+        none for a fresh start), so that every epoch appears once however often the run was
+        interrupted."""
+        if self.primary:
+            reporting.write_json_lines(self.workdir / 'metrics.jsonl', history)
 
     def close(self) -> None:
         self.checkpoints.close()
@@ -622,15 +633,19 @@ def train_points(cfgs: Sequence, data: PreparedData, workdirs: Sequence[Path], *
     points = [_Point(c, s, Path(w), l, partitioner.is_primary)
               for c, s, w, l in zip(cfgs, setups, workdirs, labels)]
     for p in points:
-        if resume and p.files.checkpoints.latest_epoch() is not None:
+        restored = None
+        if resume:
             s = p.setup
-            saved, saved_progress = p.files.checkpoints.restore(
-                state_to_save(s.state, s.key, partitioner))
+            restored = p.files.checkpoints.restore_intact(
+                state_to_save(s.state, s.key, partitioner), warn=p.files.log)
+        if restored is not None:
+            saved = restored.state
             p.setup = s._replace(state=TrainState(saved['params'], saved['opt_state'],
                                                   saved['carry']))
-            p.progress = Progress(**saved_progress)
+            p.progress = Progress(**restored.progress)
             p.files.log(f'resumed from {p.files.checkpoints.directory} after epoch '
                         f'{p.progress.epochs_done - 1}')
+        p.files.restart_metrics(p.progress.history)
     slots = [i for i, p in enumerate(points) if p.active]
     if slots:
         _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped)
