@@ -2,9 +2,11 @@
 
 Run directory layout (under `checkpoint.output_dir`):
   <run_name>/config.json              the full config of the run
+  <run_name>/run.lock                 while a process writes the run (rundir.RunLock)
   <run_name>/point-NNN/config.json    the point's config
   <run_name>/point-NNN/metrics.jsonl  one JSON line per epoch
   <run_name>/point-NNN/ckpt/{last,best}/<epochs done>/   orbax checkpoints
+  <run_name>/point-NNN/ckpt/{unreadable,superseded}/     set aside on resume (checkpointing.py)
   <run_name>/point-NNN/result.json    written when the point has finished
   <run_name>/results.json             all points, the best one, the popularity baseline
 
