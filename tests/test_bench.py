@@ -3,6 +3,7 @@ command itself, never by tests)."""
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from lirdrec_jax import bench, synthetic
@@ -20,7 +21,14 @@ def test_synthetic_dataset_has_the_requested_counts():
         for u, i in zip(s.users, s.items):
             per_user.setdefault(int(u), set()).add(int(i))
     assert min(len(v) for v in per_user.values()) >= 5  # 5+ distinct items per user
-    assert (ds.valid.users.size, ds.test.users.size) > (150, 150)
+    # Each user's latest rows: round-half-up(n / 10) test rows and as many valid ones, at least
+    # one each (MMRec's per-user 8:1:1 split).
+    rows = np.bincount(np.concatenate([s.users for s in (ds.train, ds.valid, ds.test)]),
+                       minlength=300)
+    expected = np.maximum(1, (rows + 5) // 10)
+    for split in (ds.valid, ds.test):
+        np.testing.assert_array_equal(np.bincount(split.users, minlength=300), expected)
+    assert expected.sum() > 300  # some users have 15+ rows, so more than one of each
 
 
 def test_bench_command_reports_every_quantity(tmp_path, capsys):

@@ -492,25 +492,28 @@ def trainer_data():
     return train.prepare_data(tiny_dataset(), 'freedom')
 
 
-def test_trainer_resumes_to_the_uninterrupted_run(trainer_data, tmp_path):
+def test_trainer_resumes_to_the_uninterrupted_run(trainer_data, tmp_path, training_log):
     from lirdrec_jax import train
     point = small_point()
     full = train.train_and_evaluate(point, trainer_data, tmp_path / 'full')
     part = train.train_and_evaluate(point, trainer_data, tmp_path / 'r', stop_after_epochs=2)
     assert part['epochs_done'] == 2 and not part['finished']
+    training_log.clear()
     resumed = train.train_and_evaluate(point, trainer_data, tmp_path / 'r', resume=True)
+    assert training_log.epoch_numbers == [2, 3]  # from the checkpoint, not from scratch
     losses = [h['loss'] for h in full['history']]
     assert [h['loss'] for h in resumed['history']] == losses  # same pruned graphs per epoch
     assert resumed['best_valid'] == full['best_valid']
     assert losses[-1] < losses[0]
 
 
-def test_vmapped_reg_weights_equal_each_point_alone(trainer_data, tmp_path):
+def test_vmapped_reg_weights_equal_each_point_alone(trainer_data, tmp_path, training_log):
     from lirdrec_jax import sweep, train
     points = [small_point(reg_weight=(w,)) for w in (0.0, 0.01)]
     for p in points:
         p.train.epochs = 3
     together = sweep.train_group(points, trainer_data, [tmp_path / 'a', tmp_path / 'b'])
+    assert training_log.epochs == [(0, 2), (1, 2), (2, 2)]  # both points in one program
     for point, result in zip(points, together):
         alone = train.train_and_evaluate(point, trainer_data, tmp_path / str(point.model.reg_weight))
         np.testing.assert_allclose([h['loss'] for h in result['history']],

@@ -1,15 +1,18 @@
 """End to end: the command line on a small synthetic dataset, run directories, resume, errors."""
+import copy
 import json
 import os
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import pytest
 
 from configs import test as test_config
-from lirdrec_jax import synthetic
-from lirdrec_jax import experiment
+from lirdrec_jax import cli, experiment, synthetic, train
+from tests.conftest import COMPILATION_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,39 +27,11 @@ def data_dir(tmp_path_factory):
 
 def run_cli(*args, cwd=REPO):
     env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    cache = os.environ.get(COMPILATION_CACHE, 'off')
+    if cache != 'off':  # the programs this process compiled for the same shapes
+        env['JAX_COMPILATION_CACHE_DIR'] = cache
     return subprocess.run([sys.executable, '-m', 'lirdrec_jax.main', *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def test_command_line_trains_and_beats_most_popular(data_dir, tmp_path):
-    out = run_cli('--config', 'configs/test.py', f'--config.data.data_dir={data_dir}',
-                  '--config.data.dataset=small', f'--config.checkpoint.output_dir={tmp_path}',
-                  '--config.train.epochs=8', '--config.train.stopping_step=8')
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert sum(l.startswith('epoch ') for l in lines) == 8  # one progress line per epoch
-    row = lambda label: [float(x) for x in next(l for l in lines if l.startswith(label)).split()[-4:]]
-    model, popular = row('lirdrec test recall'), row('most-popular test recall')
-    assert model[2] > 1.2 * popular[2], (model, popular)  # Recall@20
-    run_dir = next(tmp_path.glob('lirdrec-small-*'))
-    results = json.loads((run_dir / 'results.json').read_text())
-    assert results['finished'] and results['points'][0]['best_test']['recall@20'] == model[2]
-    assert (run_dir / 'point-000' / 'metrics.jsonl').read_text().count('\n') == 8
-
-
-def test_unknown_config_key_is_a_clear_error():
-    out = run_cli('--config', 'configs/lirdrec.py', '--config.model.knn=5')
-    assert out.returncode != 0
-    assert "unknown config key 'model.knn'" in out.stderr and 'knn_k' in out.stderr
-    assert 'Traceback' not in out.stderr
-
-
-def test_missing_dataset_is_a_clear_error(tmp_path):
-    out = run_cli('--config', 'configs/lirdrec.py:baby', f'--config.data_dir={tmp_path}',
-                  f'--config.checkpoint.output_dir={tmp_path / "runs"}')
-    assert out.returncode != 0
-    assert f'{tmp_path / "baby"}' in out.stderr and 'does not exist' in out.stderr
-    assert 'Traceback' not in out.stderr and out.stderr.startswith('error: ')
 
 
 def small_config(data_dir, out_dir, **train):
@@ -69,35 +44,159 @@ def small_config(data_dir, out_dir, **train):
     return cfg
 
 
-def test_interrupted_grid_resumes_to_the_same_results(data_dir, tmp_path):
-    cfg = small_config(data_dir, tmp_path / 'a', epochs=3, stopping_step=5)
+def test_a_run_beats_most_popular_and_prints_its_table(data_dir, tmp_path, capsys):
+    summary = experiment.run(small_config(data_dir, tmp_path, epochs=8, stopping_step=8))
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(l.startswith('epoch ') for l in lines) == 8  # one progress line per epoch
+    row = lambda label: [float(x) for x in next(l for l in lines if l.startswith(label)).split()[-4:]]
+    model, popular = row('lirdrec test recall'), row('most-popular test recall')
+    assert model[2] > 1.2 * popular[2], (model, popular)  # Recall@20
+    results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert results == json.loads(json.dumps(summary))
+    assert results['finished'] and results['points'][0]['best_test']['recall@20'] == \
+        pytest.approx(model[2], abs=5e-5)
+    assert results['popularity']['test']['recall@20'] == pytest.approx(popular[2], abs=5e-5)
+    assert (tmp_path / 'run' / 'point-000' / 'metrics.jsonl').read_text().count('\n') == 8
+
+
+def test_command_line_smoke(data_dir, tmp_path):
+    """The one test through a real `python -m lirdrec_jax.main` (the others call the same
+    functions in this process): flags, the `--config.data_dir` alias, progress lines, files."""
+    out = run_cli('--config', 'configs/test.py', f'--config.data_dir={data_dir}',
+                  '--config.data.dataset=small', f'--config.checkpoint.output_dir={tmp_path}',
+                  '--config.train.epochs=2', '--config.train.stopping_step=8')
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert sum(l.startswith('epoch ') for l in lines) == 2  # one progress line per epoch
+    run_dir = next(tmp_path.glob('lirdrec-small-*'))
+    results = json.loads((run_dir / 'results.json').read_text())
+    printed = next(l for l in lines if l.startswith('lirdrec test recall')).split()[-4:]
+    assert results['finished'] and results['points'][0]['best_epoch'] in (0, 1)
+    assert float(printed[2]) == round(results['points'][0]['best_test']['recall@20'], 4)
+    assert (run_dir / 'point-000' / 'metrics.jsonl').read_text().count('\n') == 2
+
+
+def import_main(monkeypatch):
+    """lirdrec_jax.main, imported in this process. Defining its --config flag loads the default
+    config file (relative to the working directory) with ml_collections' loader, which uses
+    the deprecated load_module()."""
+    monkeypatch.chdir(REPO)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'the load_module', DeprecationWarning)
+        from lirdrec_jax import main
+    return main
+
+
+def test_unknown_config_key_is_a_clear_error(monkeypatch):
+    main = import_main(monkeypatch)
+    monkeypatch.setattr(sys, 'argv', ['lirdrec_jax.main', '--config', 'configs/lirdrec.py',
+                                      '--config.model.knn=5'])
+    with pytest.raises(SystemExit) as exit_:
+        main.run()  # stops in the check before absl parses the flags
+    message = str(exit_.value.code)
+    assert message.startswith("error: unknown config key 'model.knn'") and 'knn_k' in message
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    """What `main` makes of a user error: one line naming the missing folder, no traceback."""
+    main = import_main(monkeypatch)
+    cfg = cli.load_config('configs/lirdrec.py:baby')
+    cfg.data.data_dir = str(tmp_path)
+    cfg.checkpoint.output_dir = str(tmp_path / 'runs')
+    monkeypatch.setattr(main, '_CONFIG', types.SimpleNamespace(value=cfg))
+    monkeypatch.delenv('LIRDREC_JAX_TRACEBACK', raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main.main(['lirdrec_jax.main'])
+    message = str(exit_.value.code)
+    assert message.startswith('error: ') and f'{tmp_path / "baby"}' in message
+    assert 'does not exist' in message
+
+
+@pytest.fixture(scope='module')
+def full_grid(data_dir, tmp_path_factory):
+    """An uninterrupted grid of two points (reg_weight 0.01, 0.001), 3 epochs each:
+    (config, summary). Shared, read-only."""
+    cfg = grid_config(data_dir, tmp_path_factory.mktemp('full_grid'))
+    return cfg, experiment.run(cfg)
+
+
+def grid_config(data_dir, out_dir):
+    cfg = small_config(data_dir, out_dir, epochs=3, stopping_step=5)
     cfg.model.reg_weight = (0.01, 0.001)
     cfg.hyper_parameters = ('model.reg_weight', 'train.seed')
-    full = experiment.run(cfg)
-    cfg.checkpoint.output_dir = str(tmp_path / 'b')
+    return cfg
+
+
+def strip(summary):
+    return [(p['values'], p['best_valid'], p['best_test']) for p in summary['points']]
+
+
+def test_interrupted_grid_resumes_to_the_same_results(data_dir, full_grid, tmp_path,
+                                                      training_log):
+    _, full = full_grid
+    cfg = grid_config(data_dir, tmp_path)
     partial = experiment.run(cfg, stop_after_epochs=2)
     assert not partial['finished']
+    assert training_log.groups == [['point-000'], ['point-001']]
+    assert training_log.epochs == [(0, 1), (1, 1), (0, 1), (1, 1)]
+    training_log.clear()
     cfg.resume = True
     resumed = experiment.run(cfg)
+    # Each point trained only its last epoch, from its checkpoint.
+    assert training_log.groups == [['point-000'], ['point-001']]
+    assert training_log.epochs == [(2, 1), (2, 1)]
     assert resumed['finished']
-    strip = lambda s: [(p['values'], p['best_valid'], p['best_test']) for p in s['points']]
     assert strip(resumed) == strip(full)
     assert len(full['points']) == 2 and full['best_point'] in (0, 1)
 
 
-def test_an_existing_run_is_never_overwritten(data_dir, tmp_path):
-    cfg = small_config(data_dir, tmp_path, epochs=1)
-    experiment.run(cfg)
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+def test_finished_points_are_not_trained_again_on_resume(data_dir, full_grid, tmp_path,
+                                                         training_log, monkeypatch):
+    """A run killed during its second point, after the first one finished: the resumed run
+    trains the rest of the second point only, and ends with the uninterrupted results."""
+    _, full = full_grid
+    cfg = grid_config(data_dir, tmp_path)
+    counted = train.train_points  # (training_log's wrapper)
+
+    def killed_in_the_second_point(cfgs, data, workdirs, **kwargs):
+        if workdirs[0].name == 'point-001':
+            counted(cfgs, data, workdirs, **{**kwargs, 'stop_after_epochs': 1})
+            raise KeyboardInterrupt
+        return counted(cfgs, data, workdirs, **kwargs)
+
+    monkeypatch.setattr(train, 'train_points', killed_in_the_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg)
+    assert training_log.epochs == [(0, 1), (1, 1), (2, 1), (0, 1)]
+    first = tmp_path / 'run' / 'point-000'
+    assert (first / 'result.json').exists() and not (tmp_path / 'run' / 'point-001' /
+                                                     'result.json').exists()
+    files_of_first = {p: p.read_bytes() for p in first.rglob('*') if p.is_file()}
+    monkeypatch.setattr(train, 'train_points', counted)
+    training_log.clear()
+    cfg.resume = True
+    resumed = experiment.run(cfg)
+    assert training_log.groups == [['point-001']]
+    assert training_log.epochs == [(1, 1), (2, 1)]
+    assert {p: p.read_bytes() for p in first.rglob('*') if p.is_file()} == files_of_first
+    assert resumed['finished'] and strip(resumed) == strip(full)
+
+
+def test_an_existing_run_is_never_overwritten(full_grid):
+    cfg, _ = full_grid
+    root = Path(cfg.checkpoint.output_dir)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob('*')}
     with pytest.raises(FileExistsError, match='already holds a run'):
         experiment.run(cfg)
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+    assert {p: p.stat().st_mtime_ns for p in root.rglob('*')} == before
 
 
-def test_resume_with_a_different_config_is_refused(data_dir, tmp_path):
-    cfg = small_config(data_dir, tmp_path, epochs=1)
-    experiment.run(cfg)
+def test_resume_with_a_different_config_is_refused(full_grid):
+    cfg = copy.deepcopy(full_grid[0])
+    root = Path(cfg.checkpoint.output_dir)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob('*')}
     cfg.resume = True
     cfg.model.knn_k = 3
     with pytest.raises(ValueError, match=r"differs from this one in \['model'\]"):
         experiment.run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob('*')} == before

@@ -37,7 +37,7 @@ def assert_point_equal(alone, together):
         (alone['best_epoch'], alone['best_valid'], alone['best_test'])
 
 
-def test_each_vmapped_point_equals_training_it_alone(prepared, tmp_path):
+def test_each_vmapped_point_equals_training_it_alone(prepared, tmp_path, training_log):
     points = grid_points(optim__learning_rate=(0.005, 0.02), model__reg_weight=(0.01, 0.001),
                          model__mm_image_weight=(0.1, 0.6), model__decay_weight=(0.9, 0.5),
                          train__seed=(1, 2))
@@ -46,8 +46,11 @@ def test_each_vmapped_point_equals_training_it_alone(prepared, tmp_path):
     assert len(sweep.group_points(points)) == 1
     alone = [train.train_and_evaluate(p.config, prepared, tmp_path / f'a{p.index}')
              for p in points]
+    training_log.clear()
     together = sweep.train_group([p.config for p in points], prepared,
                                  [tmp_path / f'v{p.index}' for p in points])
+    # One program for the four points: each epoch round trained all of them side by side.
+    assert training_log.epochs == [(0, 4), (1, 4), (2, 4)]
     for a, b in zip(alone, together):
         assert_point_equal(a, b)
     # The points really differ from each other.
@@ -110,27 +113,68 @@ def test_stack_or_share():
     assert tree['shared'].shape == (3,) and tree['own'].shape == (2, 2)
 
 
-def test_command_line_switch_trains_vmapped_and_resumes(tmp_path):
-    from tests.test_main import data_dir as _unused  # noqa: F401  (fixture lives there)
+@pytest.fixture(scope='module')
+def grid_data(tmp_path_factory):
     from lirdrec_jax import synthetic
-    root = tmp_path / 'data'
+    root = tmp_path_factory.mktemp('data')
     synthetic.write_synthetic_dataset(root, 'small', n_users=200, n_items=100, seed=1,
                                       image_dim=32, text_dim=24)
-    def config(out):
-        cfg = small_config(root, out, epochs=2, stopping_step=5)
-        cfg.model.reg_weight = (0.01, 0.001)
-        cfg.hyper_parameters = ('model.reg_weight', 'train.seed')
-        return cfg
-    seq = experiment.run(config(tmp_path / 'seq'))
-    cfg = config(tmp_path / 'vm')
-    cfg.sweep.mode = 'vmapped'
+    return root
+
+
+def two_point_grid(data_dir, out_dir, mode):
+    cfg = small_config(data_dir, out_dir, epochs=2, stopping_step=5)
+    cfg.model.reg_weight = (0.01, 0.001)
+    cfg.hyper_parameters = ('model.reg_weight', 'train.seed')
+    cfg.sweep.mode = mode
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_grid(grid_data, tmp_path_factory):
+    """The two-point grid trained sequentially without interruption: (summary, losses per
+    point)."""
+    out = tmp_path_factory.mktemp('sequential')
+    summary = experiment.run(two_point_grid(grid_data, out, 'sequential'))
+    return summary, point_losses(out)
+
+
+def point_losses(out_dir):
+    return [[json.loads(l)['loss'] for l in (point / 'metrics.jsonl').read_text().splitlines()]
+            for point in sorted((out_dir / 'run').glob('point-*'))]
+
+
+# How each mode trains the two points of the grid: one vmapped group, or one point at a time.
+GROUPS = {'vmapped': [['point-000', 'point-001']],
+          'sequential': [['point-000'], ['point-001']]}
+
+
+@pytest.mark.parametrize('interrupted_mode,resumed_mode', [('vmapped', 'sequential'),
+                                                           ('sequential', 'vmapped')])
+def test_command_line_switch_trains_vmapped_and_resumes_in_either_mode(
+        grid_data, uninterrupted_grid, tmp_path, training_log, interrupted_mode, resumed_mode):
+    """Interrupted after epoch 0 in one sweep mode, resumed in the other: the resumed run
+    trains epoch 1 only, as that mode does, and ends with the uninterrupted results."""
+    rounds = lambda mode, epoch: ([(epoch, 2)] if mode == 'vmapped'
+                                  else [(epoch, 1), (epoch, 1)])
+    cfg = two_point_grid(grid_data, tmp_path, interrupted_mode)
     partial = experiment.run(cfg, stop_after_epochs=1)
     assert not partial['finished']
+    assert training_log.groups == GROUPS[interrupted_mode]
+    assert training_log.epochs == rounds(interrupted_mode, 0)
+    training_log.clear()
     cfg.resume = True
-    cfg.sweep.mode = 'sequential'  # a vmapped run can be resumed sequentially
+    cfg.sweep.mode = resumed_mode
     resumed = experiment.run(cfg)
+    assert training_log.groups == GROUPS[resumed_mode]
+    assert training_log.epochs == rounds(resumed_mode, 1)
+    full, full_losses = uninterrupted_grid
     strip = lambda s: [(p['values'], p['best_valid'], p['best_test']) for p in s['points']]
-    assert resumed['finished'] and strip(resumed) == strip(seq)
+    assert resumed['finished'] and strip(resumed) == strip(full)
+    losses = point_losses(tmp_path)
+    assert [len(l) for l in losses] == [2, 2]
+    np.testing.assert_allclose(losses, full_losses, rtol=1e-5)
+    assert losses[0] != losses[1]  # the two points differ
 
 
 def test_bad_sweep_mode_names_the_field():

@@ -1,7 +1,8 @@
 """Several host devices give the numbers of one device: training (batch split over devices,
 items split over devices, batch sizes not divisible by the device count), scanned epochs,
-evaluation (users split over devices), vmapped sweeps; and the compiled step really splits the
-towers' work by item."""
+evaluation (users split over devices), vmapped sweeps, `parallel.num_devices`; and the compiled
+step really splits the towers' work by item. The one-device baseline is trained once per
+process (the `one_device` fixture)."""
 import re
 
 import jax
@@ -32,20 +33,51 @@ def run(cfg, prepared, tmp_path, name, partitioner):
     return train.train_and_evaluate(cfg, prepared, tmp_path / name, partitioner=partitioner)
 
 
+def baseline_config():
+    # 70 rows per batch and 70 items: neither divides by 4 or 8, so batches and items are
+    # padded (zero-weight rows, zero feature rows).
+    return point_config(epochs=3, stopping_step=10, batch_size=70)
+
+
+@pytest.fixture(scope='module')
+def one_device(prepared, tmp_path_factory):
+    """The baseline every multi-device run is compared with: one device, 3 epochs."""
+    result = run(baseline_config(), prepared, tmp_path_factory.mktemp('one'), 'run',
+                 parallel.Partitioner(1))
+    assert len({round(h['loss'], 5) for h in result['history']}) == 3  # it did train
+    return result
+
+
 def test_the_process_sees_several_devices():
     assert N_DEV >= 4, 'XLA_FLAGS=--xla_force_host_platform_device_count was not applied'
 
 
 @pytest.mark.parametrize('shard_items', [True, False])
-def test_data_parallel_training_equals_one_device(prepared, tmp_path, shard_items):
-    # 70 rows per batch and 70 items: neither divides by 4 or 8, so batches and items are
-    # padded (zero-weight rows, zero feature rows).
-    cfg = point_config(epochs=3, stopping_step=10, batch_size=70)
+def test_data_parallel_training_equals_one_device(prepared, one_device, tmp_path, shard_items):
+    cfg = baseline_config()
     assert cfg.train.batch_size % N_DEV and prepared.dataset.n_items % N_DEV
-    one = run(cfg, prepared, tmp_path, 'one', parallel.Partitioner(1))
     many = run(cfg, prepared, tmp_path, 'many', parallel.Partitioner(N_DEV, shard_items))
-    assert len({round(h['loss'], 5) for h in one['history']}) == 3  # it did train
-    assert_same_training(one, many)
+    assert_same_training(one_device, many)
+
+
+def test_num_devices_limits_the_devices_a_run_uses(prepared, one_device, tmp_path, monkeypatch):
+    """`parallel.num_devices = 1` (no partitioner given) on a process with several devices:
+    the training state lives on the first device only, with the numbers of one device."""
+    num_devices = 1
+    devices_of_state = []
+    run_epoch = train.run_epoch
+
+    def recording(fns, state, *args, **kwargs):
+        devices_of_state.append({d for x in jax.tree.leaves(state) for d in x.sharding.device_set})
+        return run_epoch(fns, state, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'run_epoch', recording)
+    cfg = baseline_config()
+    cfg.parallel.num_devices = num_devices
+    result = train.train_and_evaluate(cfg, prepared, tmp_path)
+    assert [len(d) for d in devices_of_state] == [num_devices] * 3
+    assert devices_of_state[0] == set(jax.devices()[:num_devices])
+    assert_same_training(one_device, result)
 
 
 def test_per_batch_dispatch_and_edge_dropout_on_several_devices(prepared, tmp_path):
@@ -73,27 +105,25 @@ def test_evaluation_on_several_devices_is_identical(prepared):
                                       partitioner=parallel.Partitioner(N_DEV))
 
 
-def test_vmapped_sweep_on_several_devices_equals_points_alone(prepared, tmp_path):
-    cfgs = []
-    for seed, reg in ((1, 0.01), (2, 0.001)):
-        cfg = point_config(epochs=2, stopping_step=10, batch_size=70)
-        cfg.train.seed, cfg.model.reg_weight = seed, reg
-        cfgs.append(cfg)
-    alone = [run(c, prepared, tmp_path, f'alone{i}', parallel.Partitioner(1))
-             for i, c in enumerate(cfgs)]
-    together = sweep.train_group(cfgs, prepared, [tmp_path / 'v0', tmp_path / 'v1'],
+def test_vmapped_sweep_on_several_devices_equals_points_alone(prepared, one_device, tmp_path):
+    other = baseline_config()
+    other.train.seed, other.model.reg_weight = 2, 0.01
+    alone = [one_device, run(other, prepared, tmp_path, 'alone', parallel.Partitioner(1))]
+    together = sweep.train_group([baseline_config(), other], prepared,
+                                 [tmp_path / 'v0', tmp_path / 'v1'],
                                  partitioner=parallel.Partitioner(N_DEV))
     for a, b in zip(alone, together):
         assert_same_training(a, b)
+    assert alone[0]['history'][0]['loss'] != alone[1]['history'][0]['loss']
 
 
-def test_bfloat16_towers_run_on_several_devices(prepared, tmp_path):
-    cfg = point_config(epochs=2, stopping_step=10, batch_size=70)
-    f32 = run(cfg, prepared, tmp_path, 'f32', parallel.Partitioner(N_DEV))
+def test_bfloat16_towers_run_on_several_devices(prepared, one_device, tmp_path):
+    cfg = baseline_config()
     cfg.model.matmul_dtype = 'bfloat16'
     bf16 = run(cfg, prepared, tmp_path, 'bf16', parallel.Partitioner(N_DEV))
-    np.testing.assert_allclose([h['loss'] for h in bf16['history']],
-                               [h['loss'] for h in f32['history']], rtol=2e-2)
+    losses = [h['loss'] for h in bf16['history']]
+    np.testing.assert_allclose(losses, [h['loss'] for h in one_device['history']], rtol=2e-2)
+    assert losses != [h['loss'] for h in one_device['history']]  # bfloat16 really is in use
 
 
 def test_compiled_step_splits_the_towers_by_item():
