@@ -149,7 +149,8 @@ def test_parity_passes_against_the_independent_restatement(small):
                      'after one Adam step text_trs.bias', 'valid top-50 lists',
                      'test metrics, same embeddings', 'epoch 1: pruned adjacency: values',
                      'epoch 1: summed training loss', 'epoch 1: test metrics',
-                     'parameters after 2 epochs'):
+                     'parameters after 2 epochs: image_trs.bias',
+                     'epoch 1: perturbed reference drew the same graph'):
         assert expected in names
     # A gradient check for every parameter, all of them non-trivial here (reg_weight > 0).
     grads = {c.name[len('gradient '):]: c for c in results if c.name.startswith('gradient ')}

@@ -9,6 +9,11 @@ named by the model's `parity` hook). See docs/parity.md for what is checked and 
 tolerances are what they are.
 
 With a grid config, the point given by --point (default 0, the first) is checked.
+
+With --full, nothing is copied between the sides: each trains to early stopping with its own
+random streams (the reference as its quick_start runs it, ours as lirdrec_jax.main does) for
+--seeds seeds (--seed, --seed + 1, ...), and their final valid/test metrics are compared within
+seed noise (lirdrec_jax/parity/full.py). Exit status 1 if a headline metric differs beyond it.
 """
 import os
 import sys
@@ -22,7 +27,11 @@ _REFERENCE = flags.DEFINE_string('reference', None,
                                   "Path of a clone of the model's reference repository.")
 _EPOCHS = flags.DEFINE_integer('epochs', 3, 'Epochs to train both sides on identical batches.')
 _POINT = flags.DEFINE_integer('point', 0, 'Index of the grid point to check.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the reference initialisation and the batches.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the reference initialisation and the batches '
+                             '(--full: the first seed).')
+_FULL = flags.DEFINE_bool('full', False, 'Train both sides to early stopping, each with its own '
+                          'random streams, and compare their final metrics within seed noise.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, '--full: seeds per side.')
 
 
 def dataset_folder(data_cfg):
@@ -65,6 +74,19 @@ def main(argv):
     except reference.ReferenceError_ as err:
         sys.exit(f'error: {err}')
     dataset = experiment.load_dataset(_CONFIG.value.data)
+    if _FULL.value:
+        from lirdrec_jax.parity import full
+        if _SEEDS.value < 2:
+            raise app.UsageError(f'--seeds {_SEEDS.value}: --full needs at least 2 seeds per '
+                                 'side (the verdict compares with the seed-to-seed spread)')
+        seeds = [_SEED.value + i for i in range(_SEEDS.value)]
+        try:
+            outcome = full.run_for_model(run, side, point.config, dataset,
+                                         dataset_folder(_CONFIG.value.data), seeds)
+        except NotImplementedError as err:
+            sys.exit(f'error: {err}')
+        print(full.report(outcome))
+        sys.exit(0 if outcome.passed else 1)
     results = run.run_parity(side, point.config, dataset, dataset_folder(_CONFIG.value.data),
                              epochs=_EPOCHS.value, seed=_SEED.value)
     print(checks.report(results))

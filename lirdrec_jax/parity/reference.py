@@ -236,7 +236,8 @@ def _stub_image_modules() -> None:
     """utils/dataset.py imports image helpers (torchvision, PIL, lmdb) that the MMRec feature
     datasets never use; stub them when absent so its RecDataset can be imported."""
     for name in ('lmdb',):
-        if importlib.util.find_spec(name) is None:
+        # A stub placed by an earlier call has no __spec__, which find_spec rejects.
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
             sys.modules.setdefault(name, types.ModuleType(name))
     if 'utils.data_utils' not in sys.modules:
         try:
