@@ -131,7 +131,10 @@ class RunCheckpoints:
         while target.exists():
             target = folder / f'{source.parent.name}-{epoch}-{n}'
             n += 1
-        os.replace(source, target)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            pass  # moved by another process of a multi-process run, which reads the same files
         manager.reload()
         return target
 
