@@ -118,10 +118,10 @@ def write_checkout(root, files=FAKE_CHECKOUT):
 
 
 def snapshot(root):
-    """Every file and folder of the checkout with its bytes (bytecode caches left out: Python
-    may write them beside any module it imports)."""
+    """Every file and folder of the checkout with its bytes (bytecode caches included: the
+    loader must not write them either)."""
     return {p.relative_to(root): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob('*')) if '__pycache__' not in p.parts}
+            for p in sorted(root.rglob('*'))}
 
 
 @pytest.fixture
@@ -153,9 +153,11 @@ def isolated(monkeypatch):
 
 # (PyTorch warns once about its sparse invariant checks when the shim builds a COO tensor.)
 @pytest.mark.filterwarnings('ignore:Sparse invariant checks')
-def test_shims_make_the_references_calls_of_removed_functions_work(tmp_path, isolated):
+def test_shims_make_the_references_calls_of_removed_functions_work(tmp_path, isolated,
+                                                                  monkeypatch):
     checkout = write_checkout(tmp_path / 'Toy')
     before = snapshot(checkout)
+    monkeypatch.setattr(sys, 'dont_write_bytecode', False)  # as Python runs by default
     # Without the shims, the reference's code fails on current libraries.
     interactions = sp.coo_matrix((np.ones(3), ([0, 0, 1], [0, 2, 2])), shape=(2, 3))
     with pytest.raises(AttributeError):

@@ -18,6 +18,7 @@ keys (`framework_config`) and the model's own (its parity module's `reference_mo
 The reference writes its kNN graph cache next to the features; we point it at a temporary
 folder holding links to the feature files, so nothing is written into the user's data.
 """
+import contextlib
 import importlib
 import os
 import sys
@@ -58,6 +59,23 @@ def _install_shims() -> None:
         sys.modules.setdefault('matplotlib.pyplot', stub.pyplot)
 
 
+@contextlib.contextmanager
+def _no_bytecode():
+    """Import the reference without writing `__pycache__` folders into the user's checkout."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
+
+
+def import_reference_module(name: str):
+    """`importlib.import_module(name)` for a module of the reference checkout (no bytecode)."""
+    with _no_bytecode():
+        return importlib.import_module(name)
+
+
 def load_reference(checkout: os.PathLike, model_module: str = 'lirdrec',
                    class_name: str = 'LIRDRec',
                    repository: str = 'enoche/LIRDRec') -> types.SimpleNamespace:
@@ -87,10 +105,10 @@ def load_reference(checkout: os.PathLike, model_module: str = 'lirdrec',
     if str(src) not in sys.path:
         sys.path.insert(0, str(src))
     try:
-        models = importlib.import_module(f'models.{model_module}')
-        trainer = importlib.import_module('common.trainer')
-        evaluator = importlib.import_module('utils.topk_evaluator')
-        metrics = importlib.import_module('utils.metrics')
+        models = import_reference_module(f'models.{model_module}')
+        trainer = import_reference_module('common.trainer')
+        evaluator = import_reference_module('utils.topk_evaluator')
+        metrics = import_reference_module('utils.metrics')
     except ImportError as err:
         raise ReferenceError_(f'cannot import the reference from {src}: {err} (pip install -e '
                               '.[parity] installs what it needs)') from err
@@ -241,7 +259,7 @@ def _stub_image_modules() -> None:
             sys.modules.setdefault(name, types.ModuleType(name))
     if 'utils.data_utils' not in sys.modules:
         try:
-            importlib.import_module('utils.data_utils')
+            import_reference_module('utils.data_utils')
         except ImportError:
             stub = types.ModuleType('utils.data_utils')
             for attr in ('ImageResize', 'ImagePad', 'image_to_tensor',
@@ -255,8 +273,8 @@ def reference_loaders(config: ReferenceConfig, dataset: MMRecDataset) -> tuple:
     EvalDataLoaders over our splits. Returns (train, valid, test)."""
     import pandas as pd
     _stub_image_modules()
-    rec_dataset = importlib.import_module('utils.dataset').RecDataset
-    loaders = importlib.import_module('utils.dataloader')
+    rec_dataset = import_reference_module('utils.dataset').RecDataset
+    loaders = import_reference_module('utils.dataloader')
     config.update({'inter_splitting_label': 'x_label', 'use_full_sampling': False,
                    'use_neg_sampling': True, 'use_neighborhood_loss': False})
 
