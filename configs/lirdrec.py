@@ -67,7 +67,10 @@ def get_config(arg: str = 'synthetic') -> ml_collections.ConfigDict:
     names = [p for p in parts if p != 'fast'] or ['synthetic']
     if len(names) != 1:
         raise ValueError(f'config variant {arg!r}: expected one dataset, optionally with ",fast"')
-    c = _dataset_config(names[0])
+    try:
+        c = _dataset_config(names[0])
+    except ValueError as err:
+        raise ValueError(f'{err} (each optionally followed by ",fast")') from None
     return cpu_fast(c) if modifiers else c
 
 

@@ -24,6 +24,8 @@ def test_unknown_variant_is_one_error_line_listing_the_valid_ones(model):
     assert "'nosuch'" in message
     for variant in ('synthetic', 'baby', 'sports', 'clothing', 'elec', 'microlens'):
         assert variant in message, message
+    if model == 'lirdrec':  # the only config with the CPU speed modifier
+        assert '",fast"' in message, message
 
 
 def test_unknown_variant_on_the_command_line_prints_only_the_error_line():
