@@ -18,7 +18,7 @@ newer than the restored epoch (e.g. a `best/7` left after `last/7` was deleted b
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -64,9 +64,6 @@ class RunCheckpoints:
         self.last.save(epoch, args=args, force=True)
         if is_best:
             self.best.save(epoch, args=args, force=True)
-
-    def latest_epoch(self) -> Optional[int]:
-        return self.last.latest_step()
 
     def restore(self, abstract_state: Any, best: bool = False,
                 epoch: Optional[int] = None) -> tuple:

@@ -52,10 +52,11 @@ def quiet_storage_noise() -> None:
     """Silence orbax's log records, and the 'Event loop is closed' tracebacks and unretrieved
     futures its storage threads leave when a save or restore has failed: they repeat the real
     error, which the one `error:` line reports (LIRDREC_JAX_TRACEBACK=1 shows them all)."""
-    std_logging.getLogger('absl').addFilter(_DropOrbaxRecords())
     # Orbax's storage coroutines whose results nobody reads after the failure ('Future
     # exception was never retrieved'); nothing of ours runs on asyncio.
     std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+    # On the handlers (absl's sits on the root logger), so that records of orbax's modules are
+    # dropped whichever logger they were logged through.
     for handler in std_logging.getLogger().handlers + std_logging.getLogger('absl').handlers:
         handler.addFilter(_DropOrbaxRecords())
     default_hook = sys.unraisablehook

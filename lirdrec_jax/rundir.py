@@ -51,11 +51,12 @@ def point_states(run_dir: Path) -> Dict[str, str]:
     """{point folder: 'finished' | 'after epoch N' | 'not started'} of a run directory."""
     states = {}
     for point_dir in sorted(Path(run_dir).glob('point-[0-9][0-9][0-9]')):
+        epochs = checkpoint_epochs(point_dir)
         if (point_dir / 'result.json').exists():
             states[point_dir.name] = 'finished'
-        elif checkpoint_epochs(point_dir):
+        elif epochs:
             # The epoch index of the checkpoint, as progress lines count epochs (from 0).
-            states[point_dir.name] = f'after epoch {checkpoint_epochs(point_dir)[-1] - 1}'
+            states[point_dir.name] = f'after epoch {epochs[-1] - 1}'
         else:
             states[point_dir.name] = 'not started'
     return states
