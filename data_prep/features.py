@@ -23,6 +23,9 @@ does the same for a dataset folder in MMRec layout (ours or MMRec's own download
 Raw item ids come from the folder's i_id_mapping.csv (raw id column, itemID column), which the
 `amazon` / `movielens` commands write and MMRec's datasets ship.
 
+MLLMRec reads a file of the same default name built differently (each description joined with
+the item's text, plus a user file): `python -m data_prep.mllmrec` reuses this stage for it.
+
 Train with it as the image modality:
   python -m lirdrec_jax.main --config configs/lirdrec.py --config.data.data_dir=DATA \\
       --config.data.dataset=NAME --config.data.image_file=image_text_feat.npy
@@ -31,13 +34,11 @@ import argparse
 import glob
 import importlib
 import json
-import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,6 +48,8 @@ from data_prep.progress import Progress
 from data_prep.readers import LineErrors, check_file, iter_lines, parse_record
 from lirdrec_jax import mmrec_files
 from lirdrec_jax.data import DataError
+# np.save via a temp file and os.replace (never a truncated .npy); shared with lirdrec_jax.
+from lirdrec_jax.model_inputs import save_npy_atomic
 
 ITEM_MAP = 'i_id_mapping.csv'
 DEFAULT_OUTPUT = 'image_text_feat.npy'
@@ -59,43 +62,49 @@ Captioner = Callable[[str], str]
 # --------------------------------------------------------------------------- inputs
 
 
-def read_item_map(path: Path, n_items: int) -> List[str]:
-    """Raw item id of each itemID 0..n_items-1, from a tab-separated map with a header.
+def read_id_map(path: Path, n: int, id_column: str = 'itemID') -> List[str]:
+    """Raw id of each mapped id 0..n-1, from a tab-separated map with a header.
 
-    The header names the columns: `itemID` and one other column holding the raw id (MMRec's
-    maps call it `asin`; ours `asin` or `movieId`).
+    The header names the columns: `id_column` ('itemID' or 'userID') and one other column
+    holding the raw id (MMRec's item maps call it `asin`; ours `asin` or `movieId`).
 
     Raises:
-      DataError: missing columns, malformed lines, or itemIDs that are not exactly
-        0..n_items-1.
+      DataError: missing columns, malformed lines, or mapped ids that are not exactly 0..n-1.
     """
-    lines = check_file(path, f'the item id map ({ITEM_MAP}: raw id<TAB>itemID per line)'
-                       ).read_text(encoding='utf-8').splitlines()
+    kind = id_column[:-2]  # 'item' / 'user'
+    lines = check_file(path, f'the {kind} id map ({kind[0]}_id_mapping.csv: raw id<TAB>'
+                             f'{id_column} per line)').read_text(encoding='utf-8').splitlines()
     header = lines[0].split('\t') if lines else []
-    if len(header) != 2 or 'itemID' not in header:
+    if len(header) != 2 or id_column not in header:
         raise DataError(f'{path}, line 1: header {header}; expected two tab-separated columns, '
-                        f'one named itemID and one the raw item id (e.g. asin)')
-    new_col = header.index('itemID')
+                        f'one named {id_column} and one the raw {kind} id'
+                        + (' (e.g. asin)' if kind == 'item' else ''))
+    new_col = header.index(id_column)
     keys: Dict[int, str] = {}
     for number, line in enumerate(lines[1:], 2):
         if not line.strip():
             continue
         fields = line.split('\t')
         if len(fields) != 2 or not fields[new_col].strip().isdigit():
-            raise DataError(f'{path}, line {number}: {line!r}; expected raw id<TAB>itemID '
-                            f'with an integer itemID')
-        item = int(fields[new_col])
-        if item in keys:
-            raise DataError(f'{path}, line {number}: itemID {item} appears a second time; '
-                            f'expected each itemID once')
-        keys[item] = fields[1 - new_col].strip()
-    if sorted(keys) != list(range(n_items)):
-        missing = sorted(set(range(n_items)) - set(keys))[:5]
-        raise DataError(f'{path}: {len(keys)} itemIDs (range {min(keys, default=None)}..'
-                        f'{max(keys, default=None)}), but the .inter file has n_items={n_items}; '
-                        f'expected exactly the itemIDs 0..{n_items - 1} (first missing: '
+            raise DataError(f'{path}, line {number}: {line!r}; expected raw id<TAB>{id_column} '
+                            f'with an integer {id_column}')
+        mapped = int(fields[new_col])
+        if mapped in keys:
+            raise DataError(f'{path}, line {number}: {id_column} {mapped} appears a second time; '
+                            f'expected each {id_column} once')
+        keys[mapped] = fields[1 - new_col].strip()
+    if sorted(keys) != list(range(n)):
+        missing = sorted(set(range(n)) - set(keys))[:5]
+        raise DataError(f'{path}: {len(keys)} {id_column}s (range {min(keys, default=None)}..'
+                        f'{max(keys, default=None)}), but the .inter file has n_{kind}s={n}; '
+                        f'expected exactly the {id_column}s 0..{n - 1} (first missing: '
                         f'{missing})')
-    return [keys[i] for i in range(n_items)]
+    return [keys[i] for i in range(n)]
+
+
+def read_item_map(path: Path, n_items: int) -> List[str]:
+    """Raw item id of each itemID 0..n_items-1 (`read_id_map` of an i_id_mapping.csv)."""
+    return read_id_map(path, n_items, 'itemID')
 
 
 def read_descriptions(path: Path, errors: LineErrors, *, progress: bool = True
@@ -161,20 +170,21 @@ class CommandCaptioner:
         return out.stdout.strip()
 
 
-def load_callable(spec: str) -> Captioner:
-    """`package.module:function` -> the function (called as function(image_path) -> text)."""
+def load_callable(spec: str, option: str = '--captioner') -> Callable:
+    """`package.module:function` -> the function (for `--captioner`, called as
+    function(image_path) -> text); `option` names the command-line option in messages."""
     module_name, _, attr = spec.partition(':')
     if not module_name or not attr:
-        raise DataError(f'--captioner {spec!r}: expected module:function, e.g. '
-                        f'my_captions:describe')
+        raise DataError(f'{option} {spec!r}: expected module:function, e.g. '
+                        f'my_module:describe')
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise DataError(f'--captioner {spec!r}: cannot import {module_name!r} ({e}); expected '
+        raise DataError(f'{option} {spec!r}: cannot import {module_name!r} ({e}); expected '
                         f'a module on the Python path') from e
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise DataError(f'--captioner {spec!r}: {module_name} has no callable {attr!r}')
+        raise DataError(f'{option} {spec!r}: {module_name} has no callable {attr!r}')
     return fn
 
 
@@ -209,51 +219,87 @@ def caption_items(keys: Sequence[str], captioner: Callable, image_dir: Path, pat
                                  'items_without_image': 0, 'captioner_failures': 0}
     failures: List[str] = []
     todo = [k for k in keys if k not in texts]
-    with open(save_to, 'a', encoding='utf-8') as out, \
-            Progress('captioning images', len(todo), enabled=progress) as bar:
-        for key in todo:
-            bar.update(1)
-            image = find_image(image_dir, pattern, key)
-            if image is None:
-                counts['items_without_image'] += 1
-                continue
-            try:
-                text = captioner(str(image), key) if pass_item_id else captioner(str(image))
-                if not isinstance(text, str) or not text.strip():
-                    raise RuntimeError(f'returned {text!r}; expected a non-empty string')
-            except Exception as e:  # the captioner is user code: any failure is reported
-                message = f'item {key!r}, image {image}: {e}'
-                if on_error == 'stop':
-                    raise DataError(f'captioner failed on {message} (pass --on_caption_error '
-                                    f'skip to count such items and give them the mean row)'
-                                    ) from e
-                counts['captioner_failures'] += 1
-                if len(failures) < MAX_REPORTED:
-                    failures.append(message)
-                continue
-            texts[key] = text.strip()
-            counts['descriptions_produced'] += 1
-            out.write(json.dumps({'item_id': key, 'text': texts[key]}, ensure_ascii=False) + '\n')
-            out.flush()
-    if failures:
-        counts['captioner_failures_first'] = failures
+    images: Dict[str, Path] = {}
+
+    def describe(key):
+        image = find_image(image_dir, pattern, key)
+        if image is None:
+            counts['items_without_image'] += 1
+            return None
+        images[key] = image
+        return captioner(str(image), key) if pass_item_id else captioner(str(image))
+
+    produced = produce_texts(
+        todo, describe, save_to=save_to, line=lambda key, text: {'item_id': key, 'text': text},
+        on_error=on_error, label=lambda key: f'item {key!r}, image {images.get(key)}',
+        what='captioner', skip_hint='pass --on_caption_error skip to count such items and give '
+                                    'them the mean row',
+        desc='captioning images', progress=progress)
+    texts.update(produced.texts)
+    counts['descriptions_produced'] = len(produced.texts)
+    counts['captioner_failures'] = len(produced.failures)
+    if produced.failures:
+        counts['captioner_failures_first'] = produced.failures[:MAX_REPORTED]
     return texts, counts
 
 
+class Produced(NamedTuple):
+    """What `produce_texts` made: key -> text, and one message per failed key."""
+    texts: Dict[str, str]
+    failures: List[str]
+
+
+def produce_texts(todo: Sequence[str], make: Callable[[str], Optional[str]], *, save_to: Path,
+                  line: Callable[[str, str], dict], on_error: str, label: Callable[[str], str],
+                  what: str, skip_hint: str, desc: str, progress: bool = True) -> Produced:
+    """Calls a text generator once per key, appending each text to a JSON-lines file at once.
+
+    The resumable core of every stage that runs a model per record (a captioner per image, a
+    profile writer per user): each new text is written and flushed before the next call, so
+    an interrupted run loses at most the record in progress and a rerun that reads `save_to`
+    first skips what is done.
+
+    Args:
+      todo: the keys still to do, in order.
+      make: key -> text; None = nothing to make for this key (not a failure, not saved);
+        raises (or returns a blank or non-string) on failure.
+      save_to: the JSON-lines file appended to.
+      line: (key, text) -> the JSON object written for it.
+      on_error: 'stop' = the first failure is a DataError; 'skip' = reported in `failures`.
+      label: key -> how messages name it (e.g. "item 'B01', image /x/B01.jpg").
+      what: what fails, in messages ('captioner').
+      skip_hint: appended to a 'stop' error (how to skip instead).
+      desc: progress label.
+      progress: False = no progress line.
+
+    Returns:
+      The texts made (stripped) and the failure messages.
+    """
+    texts: Dict[str, str] = {}
+    failures: List[str] = []
+    with open(save_to, 'a', encoding='utf-8') as out, \
+            Progress(desc, len(todo), enabled=progress) as bar:
+        for key in todo:
+            bar.update(1)
+            try:
+                text = make(key)
+                if text is None:
+                    continue
+                if not isinstance(text, str) or not text.strip():
+                    raise RuntimeError(f'returned {text!r}; expected a non-empty string')
+            except Exception as e:  # the generator is user code: any failure is reported
+                message = f'{label(key)}: {e}'
+                if on_error == 'stop':
+                    raise DataError(f'{what} failed on {message} ({skip_hint})') from e
+                failures.append(message)
+                continue
+            texts[key] = text.strip()
+            out.write(json.dumps(line(key, texts[key]), ensure_ascii=False) + '\n')
+            out.flush()
+    return Produced(texts, failures)
+
+
 # --------------------------------------------------------------------------- features
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save via a temp file in the same folder and os.replace (never a truncated .npy)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}-', suffix='.npy.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_features(keys: Sequence[str], descriptions: Dict[str, str],
@@ -289,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--name', default=None,
                         help='dataset name (the .inter stem); default the folder name')
     parser.add_argument('--item_map', default=None, help=f'default <dataset_dir>/{ITEM_MAP}')
+    add_captioner_args(parser)
+    parser.add_argument('--output', default=DEFAULT_OUTPUT,
+                        help=f'feature file written inside the dataset folder ({DEFAULT_OUTPUT})')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
+    parser.add_argument('--skip_malformed', action='store_true',
+                        help='skip and count malformed lines of --descriptions')
+    parser.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
+    encoders.add_encoder_args(parser)
+    return parser
+
+
+def add_captioner_args(parser: argparse.ArgumentParser) -> None:
+    """The captioner options (--descriptions, --captioner_cmd, --captioner and theirs)."""
     g = parser.add_argument_group('captioner (one of)')
     g.add_argument('--descriptions', default=None,
                    help='JSON lines {"item_id" or "asin": raw id, "text": description} '
@@ -308,18 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='stop at a failing image (default) or count it and use the mean row')
     g.add_argument('--caption_timeout', type=float, default=600.0,
                    help='seconds per image for --captioner_cmd')
-    parser.add_argument('--output', default=DEFAULT_OUTPUT,
-                        help=f'feature file written inside the dataset folder ({DEFAULT_OUTPUT})')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
-    parser.add_argument('--skip_malformed', action='store_true',
-                        help='skip and count malformed lines of --descriptions')
-    parser.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
-    encoders.add_encoder_args(parser)
-    return parser
 
 
-def _captioner_source(args) -> str:
-    given = [n for n in ('descriptions', 'captioner_cmd', 'captioner') if getattr(args, n)]
+CAPTIONER_OPTIONS = ('descriptions', 'captioner_cmd', 'captioner')
+
+
+def captioner_source(args) -> str:
+    """Which of the captioner options was given (exactly one must be)."""
+    given = [n for n in CAPTIONER_OPTIONS if getattr(args, n)]
     if len(given) != 1:
         raise DataError(f'give exactly one of --descriptions, --captioner_cmd, --captioner '
                         f'(got {["--" + n for n in given] or "none"})')
@@ -328,10 +383,25 @@ def _captioner_source(args) -> str:
     return given[0]
 
 
+def make_captioner(args, source: str) -> Optional[Callable]:
+    """The captioner of `source` (None for --descriptions, which are read, not produced)."""
+    if source == 'captioner_cmd':
+        return CommandCaptioner(args.captioner_cmd, args.caption_timeout)
+    if source == 'captioner':
+        return load_callable(args.captioner)
+    return None
+
+
 def collect_descriptions(args: argparse.Namespace, source: str, captioner: Optional[Callable],
-                         keys: Sequence[str], dataset_dir: Path, errors: LineErrors
+                         keys: Sequence[str], dataset_dir: Path, errors: LineErrors,
+                         output: Optional[str] = None
                          ) -> Tuple[Dict[str, str], Dict[str, object]]:
-    """The descriptions from the chosen captioner: read, or produced (and saved) per image."""
+    """The descriptions from the chosen captioner: read, or produced (and saved) per image.
+
+    `output` (default `args.output`) names the feature file; produced descriptions are saved
+    to `<its stem>.descriptions.jsonl` unless --save_descriptions says otherwise.
+    """
+    output = args.output if output is None else output
     progress = not args.quiet
     if source == 'descriptions':
         return read_descriptions(check_file(args.descriptions, 'a JSON-lines descriptions file'),
@@ -340,7 +410,7 @@ def collect_descriptions(args: argparse.Namespace, source: str, captioner: Optio
     if not image_dir.is_dir():
         raise DataError(f'--image_dir {image_dir} does not exist (or is not a folder)')
     save_to = (Path(args.save_descriptions) if args.save_descriptions
-               else dataset_dir / f'{Path(args.output).stem}.descriptions.jsonl')
+               else dataset_dir / f'{Path(output).stem}.descriptions.jsonl')
     known = read_descriptions(save_to, errors, progress=False)[0] if save_to.is_file() else {}
     return caption_items(keys, captioner, image_dir, args.image_pattern, known=known,
                          save_to=save_to, on_error=args.on_caption_error,
@@ -367,12 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     # Everything that can fail fast does, before any captioning or encoding.
-    source = _captioner_source(args)
-    captioner = None
-    if source == 'captioner_cmd':
-        captioner = CommandCaptioner(args.captioner_cmd, args.caption_timeout)
-    elif source == 'captioner':
-        captioner = load_callable(args.captioner)
+    source = captioner_source(args)
+    captioner = make_captioner(args, source)
     dataset_dir = Path(args.dataset_dir)
     name = args.name or dataset_dir.name
     inter = mmrec_files.check_layout(dataset_dir, name)

@@ -11,7 +11,8 @@ and hands them to `run`, which applies the shared options below in this order:
   3. duplicates, iterated k-core, re-indexing and the per-user split (`interactions`);
   4. text features (one encoder call over the items that have text; the others get the mean
      row), image features (absent rows get the mean row);
-  5. the MMRec-layout folder and its manifest (`writer`), read back through
+  5. the MMRec-layout folder (with `item_text.jsonl`, the item texts, for
+     `python -m data_prep.mllmrec`) and its manifest (`writer`), read back through
      `lirdrec_jax.mmrec_files`;
   6. a summary table on stdout.
 """
@@ -204,7 +205,7 @@ def run(command: str, args: argparse.Namespace, raw: RawInteractions, *,
     manifest, stats = writer.write_dataset(
         args.out_dir, args.name, split, text_feat=text_feat, image_feat=image_feat,
         raw_item_column=raw_item_column, raw_user_column=raw_user_column, manifest=manifest,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, item_texts=item_texts)
     print_summary(args, stats, fixes, image_feat is not None)
     return manifest
 

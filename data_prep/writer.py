@@ -6,6 +6,9 @@
   image_feat.npy        (n_items, d_v) float32, when image features were given
   u_id_mapping.csv      tab-separated raw user id -> userID (MMRec's file name and layout)
   i_id_mapping.csv      tab-separated raw item id -> itemID
+  item_text.jsonl       the text each item's text_feat row was encoded from, one JSON line
+                        {"item_id": raw id, "text": ...} per item with a non-blank text, in
+                        itemID order (the item text of `python -m data_prep.mllmrec`)
   manifest.json         counts, sparsity, sha256 of every other file, the options used, and
                         the count of every fix applied (dropped duplicates, mean-filled rows...)
 
@@ -32,6 +35,7 @@ from lirdrec_jax.mmrec_files import INTER_HEADER, DataError, format_inter  # noq
 PathLike = Union[str, os.PathLike]
 
 MANIFEST = 'manifest.json'
+ITEM_TEXT = 'item_text.jsonl'
 MANIFEST_FORMAT = 1
 GENERATOR = 'lirdrec_jax data_prep'
 
@@ -40,6 +44,13 @@ def format_id_map(raw_column: str, new_column: str, keys: Sequence) -> str:
     """`raw_column<TAB>new_column` header, then `raw id<TAB>new id` for new ids 0.. in order."""
     body = ''.join(f'{k}\t{i}\n' for i, k in enumerate(keys))
     return f'{raw_column}\t{new_column}\n{body}'
+
+
+def format_item_texts(keys: Sequence, texts: Dict) -> str:
+    """JSON lines {"item_id": raw id (as a string), "text": ...} in itemID order, for the items
+    whose text is present and not blank."""
+    return ''.join(json.dumps({'item_id': str(k), 'text': texts[k]}, ensure_ascii=False) + '\n'
+                   for k in keys if isinstance(texts.get(k), str) and texts[k].strip())
 
 
 def sha256_file(path: PathLike) -> str:
@@ -76,7 +87,8 @@ def check_destination(out_dir: PathLike, name: str, overwrite: bool) -> Path:
 def write_dataset(out_dir: PathLike, name: str, data: SplitInteractions, *,
                   text_feat: Optional[np.ndarray], image_feat: Optional[np.ndarray],
                   raw_item_column: str, raw_user_column: str, manifest: Dict[str, object],
-                  overwrite: bool = False) -> Tuple[Dict[str, object], Dict[str, object]]:
+                  overwrite: bool = False, item_texts: Optional[Dict] = None
+                  ) -> Tuple[Dict[str, object], Dict[str, object]]:
     """Writes the dataset folder and its manifest.
 
     Args:
@@ -89,6 +101,8 @@ def write_dataset(out_dir: PathLike, name: str, data: SplitInteractions, *,
       manifest: command, options, input files and fix counts; this function adds the output
         counts, sparsity and hashes.
       overwrite: replace an existing folder written by these commands.
+      item_texts: raw item id -> the item's text (what text_feat was encoded from), written
+        as `item_text.jsonl`; None = not written.
 
     Returns:
       (the manifest written, the read-back statistics of `lirdrec_jax.mmrec_files.summary_stats`).
@@ -104,6 +118,8 @@ def write_dataset(out_dir: PathLike, name: str, data: SplitInteractions, *,
                                                             data.user_keys))
         _write_text(tmp / 'i_id_mapping.csv', format_id_map(raw_item_column, 'itemID',
                                                             data.item_keys))
+        if item_texts is not None:
+            _write_text(tmp / ITEM_TEXT, format_item_texts(data.item_keys, item_texts))
         feature_files = {}
         for fname, feat in (('image_feat.npy', image_feat), ('text_feat.npy', text_feat)):
             if feat is not None:

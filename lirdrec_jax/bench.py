@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lirdrec_jax import cli, grid, models, parallel, sampling, train
+from lirdrec_jax import cli, grid, model_inputs, models, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import base
 
@@ -213,6 +213,9 @@ def run_benchmark(args) -> dict:
     t = time.perf_counter()
     cfg = bench_config(args)
     model = models.get_model(cfg.model_name)
+    # A model's extra input files (e.g. MLLMRec's LLM-derived matrices) are their no-LLM
+    # stand-ins here: the synthetic data has no files, and this measures speed.
+    dataset = model_inputs.with_no_llm_inputs(dataset, model.input_files)
     data = train.prepare_data(dataset, cfg.model_name)
     prepare_s = time.perf_counter() - t
     partitioner = train.create_partitioner(cfg.parallel)

@@ -5,8 +5,9 @@
 later runs. When the cache cannot be written (read-only folder, disk full), it warns and goes on
 from the converted arrays in memory: the cache only saves time.
 """
+import types
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -39,6 +40,9 @@ class MMRecDataset(NamedTuple):
       test: x_label == 2 rows whose user appears in train.
       image_feat: (n_items, d_v) float32 or None when `image_feat.npy` is absent.
       text_feat: (n_items, d_t) float32 or None when `text_feat.npy` is absent.
+      extra: the model's extra input files (`base.Model.input_files`), config field name ->
+        (n_items or n_users, d) float32 array, as `experiment.load_dataset` read them; empty
+        (a read-only mapping) for models that declare none.
     """
     name: str
     n_users: int
@@ -48,6 +52,7 @@ class MMRecDataset(NamedTuple):
     test: Interactions
     image_feat: Optional[np.ndarray]
     text_feat: Optional[np.ndarray]
+    extra: Mapping[str, np.ndarray] = types.MappingProxyType({})
 
 
 def _cache_location(dataset_dir: Path, name: str, cache_dir) -> Path:

@@ -24,8 +24,8 @@ from typing import Callable, NamedTuple, Optional
 import ml_collections
 
 from lirdrec_jax import data as data_lib
-from lirdrec_jax import (evaluation, grid, models, parallel, reporting, rundir, storage, sweep,
-                         train)
+from lirdrec_jax import (evaluation, grid, model_inputs, models, parallel, reporting, rundir,
+                         storage, sweep, train)
 
 # Keys whose change between the interrupted and the resumed run is harmless: where the run
 # writes, and how it is spread over devices and sweep groups (the same numbers up to float32
@@ -33,8 +33,14 @@ from lirdrec_jax import (evaluation, grid, models, parallel, reporting, rundir, 
 RESUME_IGNORED = ('resume', 'checkpoint', 'parallel', 'sweep')
 
 
-def load_dataset(data_cfg) -> data_lib.MMRecDataset:
-    """The configured dataset; the embedded synthetic one is generated on first use."""
+def load_dataset(data_cfg, input_files=()) -> data_lib.MMRecDataset:
+    """The configured dataset; the embedded synthetic one is generated on first use.
+
+    Args:
+      data_cfg: the config's `data` section.
+      input_files: the model's extra input files (`base.Model.input_files`), read from the
+        dataset folder into `dataset.extra` (see `lirdrec_jax.model_inputs`).
+    """
     data_dir, name = data_cfg.data_dir, data_cfg.dataset
     if not data_dir:
         if name != 'synthetic':
@@ -42,9 +48,14 @@ def load_dataset(data_cfg) -> data_lib.MMRecDataset:
                              'one: pass --config.data.data_dir=/path/to/mmrec/data')
         from lirdrec_jax import synthetic
         data_dir, name = synthetic.ensure_default_dataset()
-    return data_lib.load_mmrec(data_dir, name, image_file=data_cfg.image_file,
-                               text_file=data_cfg.text_file,
-                               cache_dir=data_cfg.cache_dir or None)
+    dataset = data_lib.load_mmrec(data_dir, name, image_file=data_cfg.image_file,
+                                  text_file=data_cfg.text_file,
+                                  cache_dir=data_cfg.cache_dir or None)
+    if not input_files:
+        return dataset
+    extra = model_inputs.read_input_files(input_files, data_cfg, data_dir, name,
+                                          dataset.n_users, dataset.n_items)
+    return dataset._replace(extra=model_inputs.as_mapping(extra))
 
 
 def run_directory(cfg, partitioner: parallel.Partitioner = None) -> Path:
@@ -102,13 +113,14 @@ def run(cfg: ml_collections.ConfigDict, *, stop_after_epochs=None) -> dict:
     """
     # Before anything touches JAX: join the other processes of a multi-process run.
     parallel.initialize_distributed(cfg.parallel.distributed)
-    models.get_model(cfg.model_name)  # an unknown model is an error before anything is written
+    model = models.get_model(cfg.model_name)  # unknown: an error before anything is written
     sweep.check_sweep_config(cfg.sweep)
     points = grid.expand_grid(cfg)
     partitioner = train.create_partitioner(cfg.parallel)
     primary = partitioner.is_primary
     log = reporting.log if primary else (lambda message: None)
-    dataset = load_dataset(cfg.data)  # every process loads the data (and draws the same batches)
+    # Every process loads the data (and draws the same batches).
+    dataset = load_dataset(cfg.data, model.input_files)
     for point in points:
         train.check_point_config(point.config, dataset.n_users, dataset.n_items)
     prepared = train.prepare_data(dataset, cfg.model_name)

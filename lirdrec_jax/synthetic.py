@@ -36,6 +36,7 @@ from typing import Iterator, NamedTuple, Tuple, Union
 
 import numpy as np
 
+from lirdrec_jax import mmrec_files, model_inputs
 from lirdrec_jax.data import DataError, Interactions, MMRecDataset
 from lirdrec_jax.mmrec_files import format_inter as _format_inter_columns
 from lirdrec_jax.mmrec_files import k_core, temporal_split
@@ -418,7 +419,10 @@ def to_dataset(data: SyntheticData, name: str) -> MMRecDataset:
 
 
 def write_mmrec_files(out_dir: PathLike, name: str, data: SyntheticData) -> Path:
-    """Writes `data` as `<out_dir>/<name>/{<name>.inter, image_feat.npy, text_feat.npy}`.
+    """Writes `data` as `<out_dir>/<name>/{<name>.inter, image_feat.npy, text_feat.npy}`, plus
+    the no-LLM stand-ins of MLLMRec's inputs, `image_text_feat.npy` (the text-feature rows) and
+    `user_preferences_feat.npy` (each user's mean of them over its training items), see
+    `lirdrec_jax.model_inputs`.
 
     Returns:
       The dataset folder `<out_dir>/<name>`.
@@ -436,6 +440,9 @@ def write_mmrec_files(out_dir: PathLike, name: str, data: SyntheticData) -> Path
         f.write(format_inter(data))
     np.save(folder / 'image_feat.npy', data.image_feat)
     np.save(folder / 'text_feat.npy', data.text_feat)
+    train = data.x_label == 0
+    model_inputs.add_no_llm_files(folder, data.text_feat, data.users[train], data.items[train],
+                                  int(data.users.max()) + 1, only_missing=False)
     return folder
 
 
@@ -445,7 +452,8 @@ def write_synthetic_dataset(out_dir: PathLike, name: str = DEFAULT_NAME, *, n_us
     """Generates a `generate_synthetic` dataset and writes it in MMRec layout.
 
     Writes `<out_dir>/<name>/<name>.inter` (header userID, itemID, rating, timestamp, x_label),
-    `image_feat.npy` and `text_feat.npy` (float32), overwriting those three files if present.
+    `image_feat.npy` and `text_feat.npy` (float32) and the no-LLM model inputs of
+    `write_mmrec_files`, overwriting those files if present.
 
     Args:
       out_dir: the data folder (what `load_mmrec` calls data_dir).
@@ -495,11 +503,25 @@ def _is_complete(data_dir: Path, name: str) -> bool:
                                                 'text_feat.npy'))
 
 
+def _add_missing_model_inputs(folder: Path, name: str) -> None:
+    """Adds the no-LLM model inputs (`model_inputs.NO_LLM_FILES`) that a default folder written
+    before they existed lacks, built from its own files; nothing else is rewritten."""
+    if not model_inputs.missing_no_llm_files(folder):
+        return
+    inter = mmrec_files.inter_path(folder, name)
+    splits = mmrec_files.split_interactions(mmrec_files.read_inter(inter), inter)
+    text = mmrec_files.load_features(folder / 'text_feat.npy', splits.n_items)
+    model_inputs.add_no_llm_files(folder, text, splits.arrays['train_users'],
+                                  splits.arrays['train_items'], splits.n_users)
+
+
 def ensure_default_dataset() -> Tuple[Path, str]:
     """Generates the default dataset on first use and returns where to load it from.
 
     Generation goes into a temporary sibling folder that is then renamed into place, so an
-    interrupted run or two concurrent first runs never leave a half-written dataset.
+    interrupted run or two concurrent first runs never leave a half-written dataset. A folder
+    generated before the no-LLM model inputs existed gets them added (each written atomically),
+    its other files untouched.
 
     Returns:
       (data_dir, name) to pass to `lirdrec_jax.data.load_mmrec`.
@@ -511,6 +533,7 @@ def ensure_default_dataset() -> Tuple[Path, str]:
                             f'{DEFAULT_NAME}.inter, image_feat.npy, text_feat.npy; expected the '
                             f'complete generated default dataset. Delete {data_dir} to '
                             f'regenerate it.')
+        _add_missing_model_inputs(data_dir / DEFAULT_NAME, DEFAULT_NAME)
         return data_dir, DEFAULT_NAME
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed folder.

@@ -503,3 +503,82 @@ def test_large_file_converts_with_exact_counts(tmp_path):
     for key, label in (('train', 0), ('valid', 1), ('test', 2)):
         np.testing.assert_array_equal(cache[f'{key}_users'], users[labels == label])
         np.testing.assert_array_equal(cache[f'{key}_items'], items[labels == label])
+
+
+# --------------------------------------------------------------------------- a model's input files
+
+
+def input_files_config(tmp_path, **names):
+    """The data section of a model that reads two extra files (items_file, users_file)."""
+    import ml_collections
+    fields = dict(data_dir=str(tmp_path), dataset=NAME, image_file='image_feat.npy',
+                  text_file='text_feat.npy', cache_dir='', items_file='items.npy',
+                  users_file='users.npy')
+    fields.update(names)
+    return ml_collections.ConfigDict(fields)
+
+
+def input_files():
+    from lirdrec_jax.models.base import InputFile
+    build = 'make-inputs --data_dir {data_dir} --dataset {dataset}'
+    return (InputFile('items_file', 'items', build), InputFile('users_file', 'users', build))
+
+
+def test_load_dataset_reads_the_declared_input_files(tmp_path):
+    from lirdrec_jax import experiment
+    folder = make_dataset(tmp_path)
+    items, users = features(N_ITEMS, 2, seed=5), features(N_USERS, 7, seed=6)
+    users[3] = 0.0  # a user row may be zero (a user without training interactions)
+    np.save(folder / 'items.npy', items)
+    np.save(folder / 'users.npy', users)
+    ds = experiment.load_dataset(input_files_config(tmp_path), input_files())
+    assert set(ds.extra) == {'items_file', 'users_file'}
+    np.testing.assert_array_equal(ds.extra['items_file'], items.astype(np.float32))
+    np.testing.assert_array_equal(ds.extra['users_file'], users.astype(np.float32))
+    assert ds.extra['users_file'].dtype == np.float32
+    with pytest.raises(TypeError):
+        ds.extra['users_file'] = users  # read-only
+    # Without declared files nothing else is read, and extra stays empty.
+    assert experiment.load_dataset(input_files_config(tmp_path)).extra == {}
+    assert data.load_mmrec(tmp_path, NAME).extra == {}
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing', r'users\.npy does not exist: the model reads it as data\.users_file \(one row '
+                r'per user\); build it with: make-inputs --data_dir .* --dataset toy$'),
+    ('rows', r'users\.npy \(data\.users_file\): 6 rows but the dataset has n_users=5; expected '
+             r'one row per user'),
+    ('nan', r'users\.npy \(data\.users_file\): row 2 \(user 2\) contains NaN or Inf'),
+    ('ndim', r'users\.npy \(data\.users_file\): shape \(5,\) is 1-D; expected a 2-D array of '
+             r'shape \(n_users=5, d\)'),
+    ('not_npy', r'users\.npy \(data\.users_file\): cannot be loaded as a \.npy array'),
+    ('field', r'config field data\.users_file is \'\'; the model reads a file with one row per '
+              r'user named there'),
+])
+def test_load_dataset_input_file_errors(tmp_path, case, message):
+    from lirdrec_jax import experiment
+    folder = make_dataset(tmp_path)
+    np.save(folder / 'items.npy', features(N_ITEMS, 2))
+    users = {'rows': features(N_USERS + 1, 3), 'ndim': np.ones(N_USERS),
+             'nan': features(N_USERS, 3)}.get(case, features(N_USERS, 3))
+    if case == 'nan':
+        users[2, 1] = np.nan
+    if case != 'missing':
+        np.save(folder / 'users.npy', users)
+    if case == 'not_npy':
+        (folder / 'users.npy').write_text('1,2,3\n')
+    cfg = input_files_config(tmp_path, **({'users_file': ''} if case == 'field' else {}))
+    with pytest.raises(DataError, match=message):
+        experiment.load_dataset(cfg, input_files())
+
+
+def test_load_dataset_item_input_rows_must_be_nonzero(tmp_path):
+    from lirdrec_jax import experiment
+    folder = make_dataset(tmp_path)
+    items = features(N_ITEMS, 2)
+    items[4] = 0.0
+    np.save(folder / 'items.npy', items)
+    np.save(folder / 'users.npy', features(N_USERS, 3))
+    with pytest.raises(DataError, match=r'items\.npy \(data\.items_file\): row 4 \(item 4\) is '
+                                        r'all zeros'):
+        experiment.load_dataset(input_files_config(tmp_path), input_files())

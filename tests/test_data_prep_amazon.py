@@ -228,6 +228,17 @@ def test_text_feature_rows_follow_item_order(baby):
     assert manifest['fixes']['items_with_empty_text_mean_text'] == 1
 
 
+def test_item_texts_are_kept_for_the_mllmrec_stage(baby):
+    folder, _ = baby
+    lines = [json.loads(x) for x in (folder / 'item_text.jsonl').read_text().splitlines()]
+    # The text each text_feat row was encoded from, itemID order; P5's empty text is left out.
+    assert lines == [{'item_id': P[j + 1], 'text': t} for j, t in enumerate(TEXTS[:4])]
+    enc = HashingEncoder(384)
+    text = np.load(folder / 'text_feat.npy')
+    for i, line in enumerate(lines):
+        np.testing.assert_array_equal(text[i], enc.encode_one(line['text']))
+
+
 def test_image_features_follow_item_order_with_mean_row(baby):
     folder, manifest = baby
     img = np.load(folder / 'image_feat.npy')
@@ -248,7 +259,8 @@ def test_manifest_hashes_options_and_loader(baby):
     for name, entry in manifest['outputs'].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry['sha256']
     assert set(manifest['outputs']) == {'baby.inter', 'image_feat.npy', 'text_feat.npy',
-                                        'i_id_mapping.csv', 'u_id_mapping.csv'}
+                                        'i_id_mapping.csv', 'u_id_mapping.csv',
+                                        'item_text.jsonl'}
     assert manifest['options']['k'] == 5 and manifest['options']['split'] == '0.8,0.1,0.1'
     assert manifest['encoder'] == {'name': 'hashing', 'dim': 384}
     ds = data_lib.load_mmrec(folder.parent, 'baby', cache_dir=str(folder.parent / 'cache'))

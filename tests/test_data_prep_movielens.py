@@ -167,6 +167,9 @@ def test_text_features_from_title_year_genres_in_item_order(ml100k):
     enc = HashingEncoder(384)
     for i, m in enumerate(CORE):
         np.testing.assert_array_equal(text[i], enc.encode_one(TEXTS_100K[m]))
+    # The same texts are kept, by raw movie id, for `python -m data_prep.mllmrec`.
+    lines = [json.loads(x) for x in (folder / 'item_text.jsonl').read_text().splitlines()]
+    assert lines == [{'item_id': str(m), 'text': TEXTS_100K[m]} for m in CORE]
 
 
 def test_1m_and_latest_layouts_give_the_same_interactions(ml100k, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_prep import synthetic as synthetic_cli
-from lirdrec_jax import data, mmrec_files, synthetic
+from lirdrec_jax import data, mmrec_files, model_inputs, synthetic
 from lirdrec_jax.data import DataError
 
 SMALL = dict(n_users=200, n_items=120, image_dim=24, text_dim=16)
@@ -109,6 +109,47 @@ def test_default_dataset_generated_once(tmp_path, monkeypatch):
     assert ds.n_users > 1400 and ds.n_items > 600
 
 
+def test_default_dataset_gains_the_missing_model_inputs_only(tmp_path, monkeypatch):
+    monkeypatch.setenv(synthetic.CACHE_ENV, str(tmp_path))
+    # A default folder written before the model inputs existed: the three original files.
+    folder = synthetic.default_dataset_dir() / 'synthetic'
+    folder.mkdir(parents=True)
+    d = synthetic.generate_synthetic(n_users=150, n_items=90, image_dim=8, text_dim=6)
+    synthetic.write_mmrec_files(folder.parent, 'synthetic', d)
+    built = {f: (folder / f).read_bytes() for f in ('image_text_feat.npy',
+                                                   'user_preferences_feat.npy')}
+    for f in built:
+        (folder / f).unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    synthetic.ensure_default_dataset()
+    # Added from the folder's own files, the same bytes as written with the data; nothing else
+    # rewritten, no temporary file left.
+    assert {f: (folder / f).read_bytes() for f in built} == built
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name in stamps} == stamps
+    assert sorted(p.name for p in folder.iterdir()) == sorted(list(stamps) + list(built))
+    # Only what is missing: an existing one is kept as it is.
+    np.save(folder / 'user_preferences_feat.npy', np.ones((3, 3), np.float32))
+    (folder / 'image_text_feat.npy').unlink()
+    synthetic.ensure_default_dataset()
+    assert np.load(folder / 'user_preferences_feat.npy').shape == (3, 3)
+    assert (folder / 'image_text_feat.npy').read_bytes() == built['image_text_feat.npy']
+
+
+def test_model_inputs_written_with_the_data(small):
+    _, folder = small
+    d = synthetic.generate_synthetic(seed=3, **SMALL)
+    np.testing.assert_array_equal(np.load(folder / 'image_text_feat.npy'), d.text_feat)
+    users = np.load(folder / 'user_preferences_feat.npy')
+    train = d.x_label == 0
+    for u in (0, 7, int(d.users.max())):
+        mine = d.items[train & (d.users == u)]
+        np.testing.assert_allclose(users[u], d.text_feat[mine].astype(np.float64).mean(0),
+                                   rtol=1e-6)
+        # Must fail: the mean over all of the user's rows (valid and test too) differs.
+        everything = d.items[d.users == u]
+        assert not np.allclose(users[u], d.text_feat[everything].mean(0), rtol=1e-6)
+
+
 def test_default_dataset_dir_without_env(tmp_path, monkeypatch):
     monkeypatch.delenv(synthetic.CACHE_ENV, raising=False)
     monkeypatch.setenv('HOME', str(tmp_path))
@@ -128,7 +169,8 @@ def test_cli_writes_and_summarizes(tmp_path, capsys):
                                '--n_items', '80', '--image_dim', '8', '--text_dim', '8']) == 0
     out = capsys.readouterr().out
     assert 'wrote' in out and 'split rows: train' in out
-    assert (tmp_path / 'cli' / 'cli.inter').is_file()
+    for fname in ('cli.inter', 'image_text_feat.npy', 'user_preferences_feat.npy'):
+        assert (tmp_path / 'cli' / fname).is_file()
 
 
 def test_invalid_generator_arguments():
@@ -145,6 +187,10 @@ DEFAULT_SHA256 = {
     'synthetic.inter': '9a478af29dd98354ba33dce3fe453c1e679efac8d08cba1b3b247c5fed91d6c3',
     'image_feat': '28eea8384e19b9fb649aa2d189819e937d34a2c87016e6c717c47f7a05ee3019',
     'text_feat': '2c0e6b113d2adb264054cb29a120f5b1e20a0702ebe218ea732b1b6b05942571',
+    # The no-LLM inputs of MLLMRec (lirdrec_jax.model_inputs): text_feat itself, and the mean
+    # of it over each user's training items.
+    'image_text_feat': '2c0e6b113d2adb264054cb29a120f5b1e20a0702ebe218ea732b1b6b05942571',
+    'user_preferences_feat': '4a08c30b0e752892f32f935d72389ca837d5da317362baa45358d04ca65168b3',
 }
 
 
@@ -152,8 +198,13 @@ def test_default_dataset_bytes_are_pinned():
     d = synthetic.generate_synthetic()
     assert synthetic.DEFAULT_VERSION == 'synthetic-v1'
     assert d.image_feat.dtype == np.float32 and d.text_feat.dtype == np.float32
+    train = d.x_label == 0
+    items = model_inputs.no_llm_item_rows(d.text_feat)
+    users, _ = model_inputs.mean_user_rows(items, d.users[train], d.items[train],
+                                           int(d.users.max()) + 1)
     got = {'synthetic.inter': synthetic.format_inter(d).encode(),
-           'image_feat': d.image_feat.tobytes(), 'text_feat': d.text_feat.tobytes()}
+           'image_feat': d.image_feat.tobytes(), 'text_feat': d.text_feat.tobytes(),
+           'image_text_feat': items.tobytes(), 'user_preferences_feat': users.tobytes()}
     assert {k: hashlib.sha256(v).hexdigest() for k, v in got.items()} == DEFAULT_SHA256
 
 

@@ -24,6 +24,11 @@ The pieces of state, and who owns them:
 
 Batches: `batch_kind` names the sampler that feeds the model (`sampling.BATCH_KINDS`): the
 trainer draws an epoch of batches of that kind and never looks inside them.
+
+Extra input files: a model that reads more than MMRec's files (e.g. MLLMRec's LLM-derived item
+and user matrices) declares them in `input_files`, each an `InputFile` naming the config's
+`data.<field>` that holds the file name. `experiment.load_dataset` reads and validates them
+next to the dataset's other files and hands them to the model as `dataset.extra[field]`.
 """
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -45,6 +50,22 @@ class ProblemSize(NamedTuple):
     n_train: int
     batch_size: int
     feature_dims: Tuple[int, ...]
+
+
+class InputFile(NamedTuple):
+    """One extra `.npy` file a model reads from the dataset folder (`Model.input_files`).
+
+    Attributes:
+      field: the field of the config's `data` section that holds the file name, e.g.
+        'image_text_file'; the file is `<data_dir>/<dataset>/<data.<field>>` and reaches the
+        model as `dataset.extra[field]`, a (rows, d) float32 array.
+      rows: 'items' or 'users': one row per item (n_items rows) or per user (n_users rows).
+      build: the command line that builds the file, shown when it is missing; '{data_dir}' and
+        '{dataset}' in it are replaced by the configured ones.
+    """
+    field: str
+    rows: str
+    build: str
 
 
 class ParityHooks(NamedTuple):
@@ -101,6 +122,8 @@ class Model(NamedTuple):
       flops_per_batch: optional `(model_cfg, size: ProblemSize) -> float`: the analytic FLOP
         count of one training step (the benchmark's floor).
       parity: optional `ParityHooks`.
+      input_files: the extra files the model reads (`InputFile`), loaded into
+        `dataset.extra` by `experiment.load_dataset`; () for models that read only MMRec's.
     """
     name: str
     batch_kind: str
@@ -120,6 +143,7 @@ class Model(NamedTuple):
     eval_embeddings: Callable
     flops_per_batch: Optional[Callable] = None
     parity: Optional[ParityHooks] = None
+    input_files: Sequence[InputFile] = ()
 
 
 def no_epoch_inputs(prepared, model_cfg, key, epoch):

@@ -73,7 +73,7 @@ def main(argv):
         side = run.reference_side(_REFERENCE.value)
     except reference.ReferenceError_ as err:
         sys.exit(f'error: {err}')
-    dataset = experiment.load_dataset(_CONFIG.value.data)
+    dataset = experiment.load_dataset(_CONFIG.value.data, model.input_files)
     if _FULL.value:
         from lirdrec_jax.parity import full
         if _SEEDS.value < 2:

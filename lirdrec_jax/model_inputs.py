@@ -1,0 +1,287 @@
+"""A model's extra input files: reading and checking them, and their no-LLM stand-ins.
+
+Some models read more than MMRec's `.inter` and feature files: MLLMRec reads an item matrix
+(an MLLM's image description joined with the item's metadata, text-encoded) and a user matrix
+(an LLM-written profile of each user, text-encoded). A model declares such files in
+`base.Model.input_files`; `read_input_files` loads each from the dataset folder, checks it
+against the dataset's counts, and returns the arrays that `experiment.load_dataset` puts into
+`dataset.extra`.
+
+The no-LLM stand-ins (`no_llm_item_rows`, `mean_user_rows`) are the pure builders used where no
+language model was run: by the embedded default dataset (`lirdrec_jax.synthetic`), by the
+benchmark's in-memory data, and as the default of `python -m data_prep.mllmrec`:
+  * items: the dataset's text-feature rows, i.e. the metadata half of the reference's input,
+    encoded by MMRec with the same sentence encoder (all-MiniLM-L6-v2) the reference uses, so
+    similarity thresholds tuned on the reference's files keep their meaning;
+  * users: the mean of the item rows over the user's TRAINING interactions (x_label 0) only.
+    Valid and test interactions never enter a profile: a profile built from them hands the
+    held-out answers to the model. An open report on the reference's repository
+    (https://github.com/Yuzhuo-Dang/MLLMRec/issues/6) found that profiles built from every
+    interaction inflate the results and that training-only profiles help little; the code
+    that built the reference's profiles is not released, so its files cannot be checked. A
+    user without a training interaction gets a zero row.
+
+Every value written is computed with elementwise IEEE operations in a fixed order (float64
+sums in row order, no BLAS), so the embedded files are the same bytes on every machine.
+
+This module imports nothing of `data_prep`: the data commands import it, not the reverse.
+"""
+import os
+import tempfile
+import types
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from lirdrec_jax.mmrec_files import DataError, warn
+
+PathLike = Union[str, os.PathLike]
+
+ROW_KINDS = ('items', 'users')
+# The file names the embedded default dataset carries its no-LLM stand-ins under (MLLMRec's
+# reference names them so), with what their rows are.
+NO_LLM_FILES = (('image_text_feat.npy', 'items'), ('user_preferences_feat.npy', 'users'))
+
+
+# --------------------------------------------------------------------------- no-LLM builders
+
+
+def no_llm_item_rows(text_feat: np.ndarray) -> np.ndarray:
+    """The no-LLM item matrix: the text-feature rows themselves.
+
+    Args:
+      text_feat: (n_items, d) text features (MMRec's text_feat.npy).
+
+    Returns:
+      (n_items, d) float32, a copy.
+    """
+    return np.array(text_feat, dtype=np.float32, copy=True)
+
+
+def mean_user_rows(item_rows: np.ndarray, train_users: np.ndarray, train_items: np.ndarray,
+                   n_users: int) -> Tuple[np.ndarray, int]:
+    """The no-LLM user matrix: each user's mean item row over its training interactions.
+
+    Pass the TRAINING interactions only (x_label 0): a valid or test item must never shape the
+    profile the model ranks from. A (user, item) pair listed twice counts twice, as it does in
+    the reference's interaction lists.
+
+    Args:
+      item_rows: (n_items, d) item matrix.
+      train_users, train_items: (n,) int ids of the training interactions.
+      n_users: rows of the result.
+
+    Returns:
+      ((n_users, d) float32, number of users without a training interaction: their rows are
+      zero). Sums run in float64 in the order of the interactions (bit-identical everywhere).
+    """
+    train_users = np.asarray(train_users, dtype=np.int64)
+    train_items = np.asarray(train_items, dtype=np.int64)
+    if train_users.shape != train_items.shape:
+        raise ValueError(f'train_users has shape {train_users.shape} but train_items '
+                         f'{train_items.shape}; expected equal lengths')
+    sums = np.zeros((n_users, item_rows.shape[1]), dtype=np.float64)
+    np.add.at(sums, train_users, np.asarray(item_rows, dtype=np.float64)[train_items])
+    counts = np.bincount(train_users, minlength=n_users)
+    rows = sums / np.maximum(counts, 1)[:, None]
+    return rows.astype(np.float32), int((counts == 0).sum())
+
+
+def no_llm_rows(dataset, rows: str) -> np.ndarray:
+    """The no-LLM stand-in for an input file of the given row kind, from an in-memory dataset
+    (the benchmark's synthetic data, which has no files): items = `no_llm_item_rows` of the
+    text features, users = `mean_user_rows` of those over the training split."""
+    if dataset.text_feat is None:
+        raise DataError(f'dataset {dataset.name}: no text features, from which the no-LLM '
+                        f'stand-in of an input file with one row per {rows[:-1]} is built')
+    items = no_llm_item_rows(dataset.text_feat)
+    if rows == 'items':
+        return items
+    return mean_user_rows(items, dataset.train.users, dataset.train.items, dataset.n_users)[0]
+
+
+def with_no_llm_inputs(dataset, input_files: Sequence) -> object:
+    """`dataset` with `extra` holding the no-LLM stand-in of each declared input file."""
+    if not input_files:
+        return dataset
+    return dataset._replace(extra=as_mapping({f.field: no_llm_rows(dataset, f.rows)
+                                              for f in input_files}))
+
+
+def save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
+    """np.save via a temp file in the same folder and os.replace: a reader never sees a
+    truncated file, and two writers of the same content leave one whole copy."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}-', suffix='.npy.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _fill(build: str, data_dir: PathLike, dataset: str) -> str:
+    """The build command with '{data_dir}' and '{dataset}' filled in (other braces kept)."""
+    return build.replace('{data_dir}', str(data_dir)).replace('{dataset}', str(dataset))
+
+
+def _load_npy(path: Path, where: str) -> np.ndarray:
+    """The array saved in `path` (no pickles); DataError when the file is not a .npy array."""
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f'{where}: cannot be read ({e}); expected a .npy array') from e
+    if magic != b'\x93NUMPY':
+        # Checked here because np.load would report any non-.npy file as "pickled data".
+        raise DataError(f'{where}: cannot be loaded as a .npy array (the file does not start '
+                        f'with the .npy magic bytes \\x93NUMPY, it starts with {magic!r}); '
+                        f'expected a float array saved with numpy.save')
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # any failure means the file is not a usable .npy array
+        raise DataError(f'{where}: cannot be loaded as a .npy array ({type(e).__name__}: {e}); '
+                        f'expected a float array saved with numpy.save') from e
+
+
+def validate_input_rows(array: np.ndarray, where: str, rows: str, n_rows: int,
+                        build: str) -> np.ndarray:
+    """Checks one input matrix and returns it as float32.
+
+    Args:
+      array: the loaded array, expected (n_rows, d).
+      where: the file and its config field, for messages.
+      rows: 'items' or 'users'.
+      n_rows: n_items or n_users of the dataset.
+      build: the (filled-in) command that rebuilds the file, for messages.
+
+    Returns:
+      (n_rows, d) float32. Item rows must be non-zero (item matrices feed cosine kNN graphs,
+      as the feature files do); user rows may be zero (a user without training interactions).
+    """
+    one = rows[:-1]
+    shape = f'(n_{rows}={n_rows}, d)'
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.floating)
+                                     or np.issubdtype(array.dtype, np.integer)):
+        raise DataError(f'{where}: dtype {array.dtype}; expected a float array of shape {shape}')
+    if array.ndim != 2:
+        raise DataError(f'{where}: shape {array.shape} is {array.ndim}-D; expected a 2-D array '
+                        f'of shape {shape}')
+    if array.shape[0] != n_rows:
+        raise DataError(f'{where}: {array.shape[0]} rows but the dataset has n_{rows}={n_rows}; '
+                        f'expected one row per {one}, row i describing {one} i (a file built '
+                        f'for another dataset? rebuild it: {build})')
+    if array.shape[1] == 0:
+        raise DataError(f'{where}: shape {array.shape} has no columns; expected {shape} with '
+                        f'd >= 1')
+    with np.errstate(over='ignore', invalid='ignore'):  # overflow is reported just below
+        out = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise DataError(f'{where}: row {row} ({one} {row}) contains NaN or Inf (after '
+                        f'conversion to float32); expected finite values '
+                        f'({int((~finite).sum())} bad row(s))')
+    if rows == 'items':
+        zero = ~out.any(axis=1)
+        if zero.any():
+            row = int(np.flatnonzero(zero)[0])
+            raise DataError(f'{where}: row {row} (item {row}) is all zeros; expected a non-zero '
+                            f'vector for every item, since item similarity divides by the row '
+                            f'norm ({int(zero.sum())} zero row(s))')
+    if np.issubdtype(array.dtype, np.integer):
+        warn(f'{where}: dtype {array.dtype} converted to float32 (expected a float array; the '
+             f'integer values are used as they are)')
+    return out
+
+
+def read_input_file(input_file, data_cfg, dataset_dir: PathLike, n_users: int, n_items: int,
+                    build: str) -> np.ndarray:
+    """Reads and checks one declared input file of the dataset folder.
+
+    Args:
+      input_file: the `base.InputFile`.
+      data_cfg: the config's `data` section (holds the file name in `input_file.field`).
+      dataset_dir: `<data_dir>/<dataset>`.
+      n_users, n_items: the dataset's counts.
+      build: the command that builds the file, with data_dir and dataset filled in.
+
+    Returns:
+      (n_users or n_items, d) float32.
+    """
+    field, rows = input_file.field, input_file.rows
+    if rows not in ROW_KINDS:
+        raise ValueError(f'input file data.{field}: rows={rows!r}; expected one of {ROW_KINDS}')
+    name = data_cfg.get(field) if hasattr(data_cfg, 'get') else getattr(data_cfg, field, None)
+    if not isinstance(name, str) or not name:
+        raise DataError(f'config field data.{field} is {name!r}; the model reads a file with '
+                        f'one row per {rows[:-1]} named there (expected a file name inside '
+                        f'{dataset_dir}, e.g. --config.data.{field}=FILE.npy)')
+    path = Path(dataset_dir) / name
+    where = f'{path} (data.{field})'
+    if not path.is_file():
+        raise DataError(f'{path} does not exist: the model reads it as data.{field} (one row per '
+                        f'{rows[:-1]}); build it with: {build}')
+    array = _load_npy(path, where)
+    return validate_input_rows(array, where, rows, n_users if rows == 'users' else n_items,
+                               build)
+
+
+def read_input_files(input_files: Sequence, data_cfg, data_dir: PathLike, name: str,
+                     n_users: int, n_items: int) -> Dict[str, np.ndarray]:
+    """{field: array} of every declared input file of `<data_dir>/<name>/` (see
+    `read_input_file`); {} when none are declared."""
+    dataset_dir = Path(data_dir) / name
+    return {f.field: read_input_file(f, data_cfg, dataset_dir, n_users, n_items,
+                                     _fill(f.build, data_dir, name))
+            for f in input_files}
+
+
+# --------------------------------------------------------------------------- embedded dataset
+
+
+def add_no_llm_files(dataset_dir: PathLike, text_feat: np.ndarray, train_users: np.ndarray,
+                     train_items: np.ndarray, n_users: int,
+                     only_missing: bool = True) -> Dict[str, str]:
+    """Writes the no-LLM stand-ins under `NO_LLM_FILES` names into a dataset folder.
+
+    Args:
+      dataset_dir: the folder.
+      text_feat: (n_items, d) its text features.
+      train_users, train_items: its training interactions (x_label 0).
+      n_users: its user count.
+      only_missing: write only files that are absent (nothing else is rewritten).
+
+    Returns:
+      {file name: 'written' or 'kept'}.
+    """
+    dataset_dir = Path(dataset_dir)
+    items = no_llm_item_rows(text_feat)
+    done = {}
+    for fname, rows in NO_LLM_FILES:
+        path = dataset_dir / fname
+        if only_missing and path.is_file():
+            done[fname] = 'kept'
+            continue
+        array = items if rows == 'items' else mean_user_rows(items, train_users, train_items,
+                                                             n_users)[0]
+        save_npy_atomic(path, array)
+        done[fname] = 'written'
+    return done
+
+
+def missing_no_llm_files(dataset_dir: PathLike) -> Tuple[str, ...]:
+    """The `NO_LLM_FILES` names absent from a dataset folder."""
+    return tuple(f for f, _ in NO_LLM_FILES if not (Path(dataset_dir) / f).is_file())
+
+
+def as_mapping(extra: Optional[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray]:
+    """`extra` as a read-only mapping (an empty one for None)."""
+    return types.MappingProxyType(dict(extra or {}))
