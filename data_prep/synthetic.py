@@ -20,7 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m data_prep.synthetic',
         description='Write the synthetic dataset in MMRec layout (<out_dir>/<name>/<name>.inter, '
-                    'image_feat.npy, text_feat.npy). The defaults give the embedded default.')
+                    'image_feat.npy, text_feat.npy), with the model inputs built from it '
+                    '(MLLMRec\'s no-LLM stand-ins; item_text.jsonl and DGVAE\'s word view, '
+                    'user_words_tfidf.npz and user_words_vocab.txt). The defaults give the '
+                    'embedded default.')
     parser.add_argument('--out_dir', required=True, help='data folder to write <name>/ into')
     parser.add_argument('--name', default=DEFAULT_NAME, help='dataset name')
     parser.add_argument('--n_users', type=int, default=1500, help='users before filtering')

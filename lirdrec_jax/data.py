@@ -41,8 +41,9 @@ class MMRecDataset(NamedTuple):
       image_feat: (n_items, d_v) float32 or None when `image_feat.npy` is absent.
       text_feat: (n_items, d_t) float32 or None when `text_feat.npy` is absent.
       extra: the model's extra input files (`base.Model.input_files`), config field name ->
-        (n_items or n_users, d) float32 array, as `experiment.load_dataset` read them; empty
-        (a read-only mapping) for models that declare none.
+        (n_items or n_users, d) float32 ndarray ('dense' files) or scipy CSR matrix ('sparse'
+        files), as `experiment.load_dataset` read them; empty (a read-only mapping) for models
+        that declare none.
     """
     name: str
     n_users: int

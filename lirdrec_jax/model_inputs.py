@@ -5,7 +5,9 @@ Some models read more than MMRec's `.inter` and feature files: MLLMRec reads an 
 (an LLM-written profile of each user, text-encoded). A model declares such files in
 `base.Model.input_files`; `read_input_files` loads each from the dataset folder, checks it
 against the dataset's counts, and returns the arrays that `experiment.load_dataset` puts into
-`dataset.extra`.
+`dataset.extra`. An input file is dense (a `.npy` array, e.g. MLLMRec's matrices) or sparse (a
+scipy `.npz` matrix, e.g. DGVAE's per-user word TF-IDF of `lirdrec_jax.word_view`), as its
+`InputFile.kind` says.
 
 The no-LLM stand-ins (`no_llm_item_rows`, `mean_user_rows`) are the pure builders used where no
 language model was run: by the embedded default dataset (`lirdrec_jax.synthetic`), by the
@@ -33,12 +35,15 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import scipy.sparse as sp
 
 from lirdrec_jax.mmrec_files import DataError, warn
 
 PathLike = Union[str, os.PathLike]
 
 ROW_KINDS = ('items', 'users')
+# `InputFile.kind`: a dense .npy array, or a scipy sparse matrix saved with save_npz.
+INPUT_KINDS = ('dense', 'sparse')
 # The file names the embedded default dataset carries its no-LLM stand-ins under (MLLMRec's
 # reference names them so), with what their rows are.
 NO_LLM_FILES = (('image_text_feat.npy', 'items'), ('user_preferences_feat.npy', 'users'))
@@ -102,9 +107,16 @@ def no_llm_rows(dataset, rows: str) -> np.ndarray:
 
 
 def with_no_llm_inputs(dataset, input_files: Sequence) -> object:
-    """`dataset` with `extra` holding the no-LLM stand-in of each declared input file."""
+    """`dataset` with `extra` holding the no-LLM stand-in of each declared input file (dense
+    ones only: a sparse input such as DGVAE's word view is built from item texts, which an
+    in-memory dataset does not have)."""
     if not input_files:
         return dataset
+    for f in input_files:
+        if getattr(f, 'kind', 'dense') != 'dense':
+            raise DataError(f'dataset {dataset.name}: the model reads a {f.kind} input file '
+                            f'(data.{f.field}), which has no stand-in built from the in-memory '
+                            f'data (it needs item texts); expected dense input files only')
     return dataset._replace(extra=as_mapping({f.field: no_llm_rows(dataset, f.rows)
                                               for f in input_files}))
 
@@ -151,6 +163,85 @@ def _load_npy(path: Path, where: str) -> np.ndarray:
                         f'expected a float array saved with numpy.save') from e
 
 
+def _check_shape(shape: Tuple[int, int], where: str, rows: str, n_rows: int,
+                 build: str) -> None:
+    """DataError unless a 2-D input matrix has n_rows rows and at least one column."""
+    one = rows[:-1]
+    if shape[0] != n_rows:
+        raise DataError(f'{where}: {shape[0]} rows but the dataset has n_{rows}={n_rows}; '
+                        f'expected one row per {one}, row i describing {one} i (a file built '
+                        f'for another dataset? rebuild it: {build})')
+    if shape[1] == 0:
+        raise DataError(f'{where}: shape {shape} has no columns; expected (n_{rows}={n_rows}, d) '
+                        f'with d >= 1')
+
+
+def _load_npz(path: Path, where: str) -> sp.csr_matrix:
+    """The scipy sparse matrix saved in `path` (no pickles), as CSR; DataError when the file is
+    not one."""
+    expected = 'expected a sparse matrix saved with scipy.sparse.save_npz'
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DataError(f'{where}: cannot be read ({e}); {expected}') from e
+    if magic != b'PK\x03\x04':
+        # A .npz is a zip archive; anything else (a .npy, text) is reported as what it is.
+        raise DataError(f'{where}: cannot be loaded as a sparse .npz matrix (the file does not '
+                        f'start with the zip magic bytes PK\\x03\\x04, it starts with '
+                        f'{magic!r}); {expected}')
+    try:
+        matrix = sp.load_npz(path)  # reads with allow_pickle=False
+    except Exception as e:  # any failure means the file is not a usable sparse matrix
+        raise DataError(f'{where}: cannot be loaded as a sparse .npz matrix '
+                        f'({type(e).__name__}: {e}); {expected}') from e
+    try:
+        matrix = sp.csr_matrix(matrix)
+        matrix.check_format(full_check=True)  # index bounds and a monotone indptr
+    except Exception as e:
+        raise DataError(f'{where}: not a valid sparse matrix ({type(e).__name__}: {e}); '
+                        f'{expected}') from e
+    return matrix
+
+
+def validate_sparse_rows(matrix: sp.spmatrix, where: str, rows: str, n_rows: int,
+                         build: str) -> sp.csr_matrix:
+    """Checks one sparse input matrix and returns it as float32 CSR.
+
+    Args:
+      matrix: the loaded matrix, expected (n_rows, d).
+      where: the file and its config field, for messages.
+      rows: 'items' or 'users'.
+      n_rows: n_items or n_users of the dataset.
+      build: the (filled-in) command that rebuilds the file, for messages.
+
+    Returns:
+      (n_rows, d) float32 `scipy.sparse.csr_matrix` in canonical form (sorted indices,
+      duplicate entries summed). Rows may be zero (a user without training items).
+    """
+    one = rows[:-1]
+    matrix = sp.csr_matrix(matrix)
+    dtype = matrix.dtype
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise DataError(f'{where}: dtype {dtype}; expected a float sparse matrix of shape '
+                        f'(n_{rows}={n_rows}, d)')
+    _check_shape(matrix.shape, where, rows, n_rows, build)
+    matrix.sum_duplicates()  # duplicates mean their sum in scipy; sorts the indices too
+    with np.errstate(over='ignore', invalid='ignore'):  # overflow is reported just below
+        out = matrix.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(out.data))
+    if bad.size:
+        bad_rows = np.unique(np.searchsorted(out.indptr, bad, side='right') - 1)
+        row = int(bad_rows[0])
+        raise DataError(f'{where}: row {row} ({one} {row}) contains NaN or Inf (after '
+                        f'conversion to float32); expected finite values '
+                        f'({bad_rows.size} bad row(s))')
+    if np.issubdtype(dtype, np.integer):
+        warn(f'{where}: dtype {dtype} converted to float32 (expected a float matrix; the '
+             f'integer values are used as they are)')
+    return out
+
+
 def validate_input_rows(array: np.ndarray, where: str, rows: str, n_rows: int,
                         build: str) -> np.ndarray:
     """Checks one input matrix and returns it as float32.
@@ -174,13 +265,7 @@ def validate_input_rows(array: np.ndarray, where: str, rows: str, n_rows: int,
     if array.ndim != 2:
         raise DataError(f'{where}: shape {array.shape} is {array.ndim}-D; expected a 2-D array '
                         f'of shape {shape}')
-    if array.shape[0] != n_rows:
-        raise DataError(f'{where}: {array.shape[0]} rows but the dataset has n_{rows}={n_rows}; '
-                        f'expected one row per {one}, row i describing {one} i (a file built '
-                        f'for another dataset? rebuild it: {build})')
-    if array.shape[1] == 0:
-        raise DataError(f'{where}: shape {array.shape} has no columns; expected {shape} with '
-                        f'd >= 1')
+    _check_shape(array.shape, where, rows, n_rows, build)
     with np.errstate(over='ignore', invalid='ignore'):  # overflow is reported just below
         out = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(out).all(axis=1)
@@ -214,11 +299,16 @@ def read_input_file(input_file, data_cfg, dataset_dir: PathLike, n_users: int, n
       build: the command that builds the file, with data_dir and dataset filled in.
 
     Returns:
-      (n_users or n_items, d) float32.
+      (n_users or n_items, d) float32: an ndarray for a dense input file, a
+      `scipy.sparse.csr_matrix` for a sparse one (`InputFile.kind`).
     """
     field, rows = input_file.field, input_file.rows
+    kind = getattr(input_file, 'kind', 'dense')
     if rows not in ROW_KINDS:
         raise ValueError(f'input file data.{field}: rows={rows!r}; expected one of {ROW_KINDS}')
+    if kind not in INPUT_KINDS:
+        raise ValueError(f'input file data.{field}: kind={kind!r}; expected one of '
+                         f'{INPUT_KINDS}')
     name = data_cfg.get(field) if hasattr(data_cfg, 'get') else getattr(data_cfg, field, None)
     if not isinstance(name, str) or not name:
         raise DataError(f'config field data.{field} is {name!r}; the model reads a file with '
@@ -227,16 +317,20 @@ def read_input_file(input_file, data_cfg, dataset_dir: PathLike, n_users: int, n
     path = Path(dataset_dir) / name
     where = f'{path} (data.{field})'
     if not path.is_file():
-        raise DataError(f'{path} does not exist: the model reads it as data.{field} (one row per '
-                        f'{rows[:-1]}); build it with: {build}')
+        what = 'a sparse matrix, ' if kind == 'sparse' else ''
+        raise DataError(f'{path} does not exist: the model reads it as data.{field} ({what}one '
+                        f'row per {rows[:-1]}); build it with: {build}')
+    n_rows = n_users if rows == 'users' else n_items
+    if kind == 'sparse':
+        return validate_sparse_rows(_load_npz(path, where), where, rows, n_rows, build)
     array = _load_npy(path, where)
-    return validate_input_rows(array, where, rows, n_users if rows == 'users' else n_items,
-                               build)
+    return validate_input_rows(array, where, rows, n_rows, build)
 
 
 def read_input_files(input_files: Sequence, data_cfg, data_dir: PathLike, name: str,
-                     n_users: int, n_items: int) -> Dict[str, np.ndarray]:
-    """{field: array} of every declared input file of `<data_dir>/<name>/` (see
+                     n_users: int, n_items: int
+                     ) -> Dict[str, Union[np.ndarray, sp.csr_matrix]]:
+    """{field: array or CSR matrix} of every declared input file of `<data_dir>/<name>/` (see
     `read_input_file`); {} when none are declared."""
     dataset_dir = Path(data_dir) / name
     return {f.field: read_input_file(f, data_cfg, dataset_dir, n_users, n_items,

@@ -12,7 +12,9 @@ user picks distinct items with probability proportional to exp(score / temperatu
 popularity weight, so the interactions carry collaborative signal; the item features are noisy
 projections of the item factors, so they carry content signal about the same choices. Rows get
 random times within each user's active window and are split per user in time order (about
-80/10/10, `mmrec_files.temporal_split`), like MMRec's Amazon datasets.
+80/10/10, `mmrec_files.temporal_split`), like MMRec's Amazon datasets. `generate_synthetic` also
+gives every item a short text (`item_texts`): made-up topic words drawn from the item's factors
+plus generic filler words, the input of DGVAE's word view (`lirdrec_jax.word_view`).
 
 Output: `SyntheticData` (arrays), written in MMRec layout by `write_mmrec_files` or turned into
 the in-memory `MMRecDataset` that training reads by `to_dataset`.
@@ -28,18 +30,19 @@ order differs between CPUs and libraries), then saved as float32 with `np.save`.
 are built in row blocks; since each row is computed independently and the random draws fill
 arrays element by element in order, the blocking does not change a single bit.
 """
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, NamedTuple, Tuple, Union
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from lirdrec_jax import mmrec_files, model_inputs
+from lirdrec_jax import mmrec_files, model_inputs, word_view
 from lirdrec_jax.data import DataError, Interactions, MMRecDataset
 from lirdrec_jax.mmrec_files import format_inter as _format_inter_columns
-from lirdrec_jax.mmrec_files import k_core, temporal_split
+from lirdrec_jax.mmrec_files import k_core, temporal_split, warn
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,6 +58,23 @@ SPAN = 4 * 365 * 86_400
 USER_BLOCK = 512
 # Float64 elements per block when building the features (16 MB).
 FEATURE_BLOCK_ELEMENTS = 1 << 21
+# The item texts draw from their own stream, np.random.default_rng([seed, TEXT_STREAM]), so
+# adding them changed no byte of the files generated before them.
+TEXT_STREAM = 0x74657874  # 'text'
+# Item texts: TOPIC_WORDS made-up words, each with a direction in the latent space; an item
+# draws WORDS_PER_ITEM of them (with replacement, P ∝ exp(cos(item, word) / WORD_TEMPERATURE))
+# and FILLER_PER_ITEM generic FILLER_WORDS (uniformly). On the default dataset, ranking items
+# by the TF-IDF cosine of their text with a user's word view gives about 1.7x the test
+# Recall@20 of most-popular (0.251 vs 0.149; the text features' cosine: 1.9x); the filler
+# words are in most user documents and fall to max_df.
+TOPIC_WORDS = 400
+WORDS_PER_ITEM = 12
+FILLER_PER_ITEM = 6
+WORD_TEMPERATURE = 0.1
+FILLER_WORDS = ('the', 'and', 'with', 'for', 'new', 'great', 'quality', 'easy', 'use', 'set',
+                'size', 'color', 'pack', 'product', 'design', 'soft', 'classic', 'perfect',
+                'best', 'value')
+_SYLLABLES = tuple(c + v for c in 'bdgklmnprstvz' for v in 'aeiou')
 
 
 class SyntheticData(NamedTuple):
@@ -69,6 +89,8 @@ class SyntheticData(NamedTuple):
       x_label: (n,) int64 0/1/2 = train/valid/test.
       image_feat: (n_items, image_dim) float32, non-negative.
       text_feat: (n_items, text_dim) float32, rows of unit L2 norm.
+      item_text: (n_items,) the text of each item (`item_texts`), or None
+        (`generate_exact_counts` makes them only when asked).
     """
     users: np.ndarray
     items: np.ndarray
@@ -77,6 +99,7 @@ class SyntheticData(NamedTuple):
     x_label: np.ndarray
     image_feat: np.ndarray
     text_feat: np.ndarray
+    item_text: Optional[Tuple[str, ...]] = None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -247,6 +270,54 @@ def item_features(rng: np.random.Generator, item_f: np.ndarray, image_dim: int, 
     return image, text
 
 
+def topic_words(n: int) -> Tuple[str, ...]:
+    """`n` distinct made-up lower-case words of three consonant-vowel syllables ('bakedo')."""
+    if n > len(_SYLLABLES) ** 2:
+        raise ValueError(f'at most {len(_SYLLABLES) ** 2} topic words, got {n}')
+    s = len(_SYLLABLES)
+    # The first two syllables already differ between any two k < s * s.
+    return tuple(_SYLLABLES[k % s] + _SYLLABLES[(k // s + 17 * k + 7) % s]
+                 + _SYLLABLES[(29 * k + 3) % s] for k in range(n))
+
+
+def item_texts(seed: int, item_f: np.ndarray, n_words: int = TOPIC_WORDS,
+               words_per_item: int = WORDS_PER_ITEM, filler_per_item: int = FILLER_PER_ITEM,
+               temperature: float = WORD_TEMPERATURE) -> Tuple[str, ...]:
+    """A short text per item whose words carry signal about the item's factors.
+
+    Each topic word has a random unit direction in the latent space; an item draws
+    `words_per_item` topic words with replacement, P(word) ∝ exp(cos(item, word) /
+    temperature) (Gumbel-max), then `filler_per_item` words of FILLER_WORDS uniformly, so
+    items close in the latent space (one category) draw from the same words. The draws come from
+    np.random.default_rng([seed, TEXT_STREAM]), separate from the generator's stream, in item
+    blocks of a fixed size; the dot products use `project` (fixed order), so the texts are the
+    same on every machine.
+
+    Args:
+      seed: the dataset's seed.
+      item_f: (n_items, latent_dim) item factors.
+
+    Returns:
+      (n_items,) texts, words separated by single spaces.
+    """
+    rng = np.random.default_rng([seed, TEXT_STREAM])
+    vocab = topic_words(n_words)
+    directions = l2_normalize_rows(rng.standard_normal((n_words, item_f.shape[1])))
+    logits = project(l2_normalize_rows(item_f), np.ascontiguousarray(directions.T))
+    logits /= temperature
+    texts = []
+    block = max(1, FEATURE_BLOCK_ELEMENTS // (words_per_item * n_words))
+    for rows in _row_blocks(item_f.shape[0], block):
+        keys = logits[rows, None, :] + rng.gumbel(size=(rows.stop - rows.start, words_per_item,
+                                                        n_words))
+        picks = np.argmax(keys, axis=2)
+        filler = rng.integers(0, len(FILLER_WORDS), size=(rows.stop - rows.start,
+                                                          filler_per_item))
+        texts += [' '.join([vocab[j] for j in p] + [FILLER_WORDS[j] for j in f])
+                  for p, f in zip(picks.tolist(), filler.tolist())]
+    return tuple(texts)
+
+
 def _reindex(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(kept original ids ascending, contiguous new id of each row)."""
     kept, new = np.unique(ids, return_inverse=True)
@@ -330,8 +401,9 @@ def generate_synthetic(*, n_users: int = 1500, n_items: int = 800, seed: int = 0
         users, items, timestamps, ratings, valid_ratio, test_ratio)
 
     image, text = item_features(rng, item_f, image_dim, text_dim, image_noise, text_noise)
+    texts = item_texts(seed, item_f)
     return SyntheticData(users, items, ratings, timestamps, labels, image[kept_items],
-                         text[kept_items])
+                         text[kept_items], tuple(texts[k] for k in kept_items))
 
 
 def exact_lengths(rng: np.random.Generator, n_users: int, n_interactions: int,
@@ -359,7 +431,7 @@ def generate_exact_counts(n_users: int, n_items: int, n_interactions: int, *, se
                           temperature: float = 0.15, popularity_offset: float = 10.0,
                           min_length: int = 5, image_noise: float = 3.0,
                           text_noise: float = 2.5, valid_ratio: float = 0.1,
-                          test_ratio: float = 0.1) -> SyntheticData:
+                          test_ratio: float = 0.1, item_text: bool = False) -> SyntheticData:
     """A dataset with exactly the given counts (the benchmark's data, e.g. at MMRec scale).
 
     Same model as `generate_synthetic`, sized differently and not filtered: every user draws at
@@ -372,6 +444,9 @@ def generate_exact_counts(n_users: int, n_items: int, n_interactions: int, *, se
     Args:
       n_users, n_items, n_interactions: the exact counts.
       seed: seed of `np.random.default_rng`; the output is a pure function of all arguments.
+      item_text: also make the item texts (`item_texts`, from their own stream: the other
+        arrays are the same either way), e.g. for an in-memory word view
+        (`word_view.build_word_view`); off by default (seconds at MMRec scale).
       Others: as in `generate_synthetic`.
 
     Returns:
@@ -394,7 +469,8 @@ def generate_exact_counts(n_users: int, n_items: int, n_interactions: int, *, se
     users, items, timestamps, ratings, labels = _sort_and_split(
         users, items, timestamps, ratings, valid_ratio, test_ratio)
     image, text = item_features(rng, item_f, image_dim, text_dim, image_noise, text_noise)
-    return SyntheticData(users, items, ratings, timestamps, labels, image, text)
+    texts = item_texts(seed, item_f) if item_text else None
+    return SyntheticData(users, items, ratings, timestamps, labels, image, text, texts)
 
 
 # --------------------------------------------------------------------------- output
@@ -418,11 +494,52 @@ def to_dataset(data: SyntheticData, name: str) -> MMRecDataset:
                         split(0), split(1), split(2), data.image_feat, data.text_feat)
 
 
+def format_item_texts(texts) -> str:
+    """`item_text.jsonl` of a generated dataset: one JSON line {"itemID": i, "text": ...} per
+    item, itemID order (the folder has no raw ids)."""
+    return ''.join(json.dumps({'itemID': i, 'text': t}, ensure_ascii=False) + '\n'
+                   for i, t in enumerate(texts))
+
+
+def add_word_files(folder: PathLike, data: SyntheticData, only_missing: bool = True
+                   ) -> Dict[str, str]:
+    """Writes the item texts of `data` (`item_text.jsonl`) and the word view built from them
+    (`word_view.WORDS_FILE`, `word_view.VOCAB_FILE`: each user's TF-IDF over its TRAINING
+    items' words, the reference's min_df/max_df) into a dataset folder, each atomically.
+
+    Returns:
+      {file name: 'written', 'kept' (only_missing and present) or 'skipped' (no word passes
+      the document-frequency bounds, as on a tiny dataset: warned)}.
+    """
+    folder = Path(folder)
+    names = (word_view.ITEM_TEXT_FILE, word_view.WORDS_FILE, word_view.VOCAB_FILE)
+    done = {f: 'kept' for f in names if only_missing and (folder / f).is_file()}
+    if word_view.ITEM_TEXT_FILE not in done:
+        text = format_item_texts(data.item_text).encode('utf-8')
+        word_view.atomic_write(folder / word_view.ITEM_TEXT_FILE, lambda f: f.write(text))
+        done[word_view.ITEM_TEXT_FILE] = 'written'
+    if len(done) == len(names):
+        return done
+    train = data.x_label == 0
+    docs = [word_view.item_document(t, None) for t in data.item_text]
+    try:
+        view = word_view.build_word_view(docs, data.users[train], data.items[train],
+                                         int(data.users.max()) + 1)
+    except ValueError as e:
+        warn(f'{folder}: no word view written ({e})')
+        return {**done, **{f: 'skipped' for f in names if f not in done}}
+    # Written together: the two files of one build always agree.
+    word_view.save_word_view(view, folder / word_view.WORDS_FILE,
+                             folder / word_view.VOCAB_FILE)
+    return {**{f: 'written' for f in names}, **done}
+
+
 def write_mmrec_files(out_dir: PathLike, name: str, data: SyntheticData) -> Path:
     """Writes `data` as `<out_dir>/<name>/{<name>.inter, image_feat.npy, text_feat.npy}`, plus
     the no-LLM stand-ins of MLLMRec's inputs, `image_text_feat.npy` (the text-feature rows) and
     `user_preferences_feat.npy` (each user's mean of them over its training items), see
-    `lirdrec_jax.model_inputs`.
+    `lirdrec_jax.model_inputs`, and, when `data` has item texts, `item_text.jsonl` and DGVAE's
+    word view (`add_word_files`).
 
     Returns:
       The dataset folder `<out_dir>/<name>`.
@@ -443,6 +560,8 @@ def write_mmrec_files(out_dir: PathLike, name: str, data: SyntheticData) -> Path
     train = data.x_label == 0
     model_inputs.add_no_llm_files(folder, data.text_feat, data.users[train], data.items[train],
                                   int(data.users.max()) + 1, only_missing=False)
+    if data.item_text is not None:
+        add_word_files(folder, data, only_missing=False)
     return folder
 
 
@@ -503,9 +622,27 @@ def _is_complete(data_dir: Path, name: str) -> bool:
                                                 'text_feat.npy'))
 
 
+def _add_missing_word_files(folder: Path, name: str) -> None:
+    """Adds the item texts and the word view (`add_word_files`) that a default folder written
+    before they existed lacks. The texts come from the generator, so the default is generated
+    again in memory (well under a second) and used only if its `.inter` file is the folder's,
+    byte for byte; otherwise nothing is added (warned)."""
+    names = (word_view.ITEM_TEXT_FILE, word_view.WORDS_FILE, word_view.VOCAB_FILE)
+    if all((folder / f).is_file() for f in names):
+        return
+    data = generate_synthetic()
+    if mmrec_files.inter_path(folder, name).read_bytes() != format_inter(data).encode():
+        warn(f'{folder}: its {name}.inter is not the default generator\'s output, so its item '
+             f'texts and word view cannot be added; delete {folder.parent} to regenerate it')
+        return
+    add_word_files(folder, data, only_missing=True)
+
+
 def _add_missing_model_inputs(folder: Path, name: str) -> None:
     """Adds the no-LLM model inputs (`model_inputs.NO_LLM_FILES`) that a default folder written
-    before they existed lacks, built from its own files; nothing else is rewritten."""
+    before they existed lacks, built from its own files, and the word files
+    (`_add_missing_word_files`); nothing else is rewritten."""
+    _add_missing_word_files(folder, name)
     if not model_inputs.missing_no_llm_files(folder):
         return
     inter = mmrec_files.inter_path(folder, name)
@@ -520,8 +657,8 @@ def ensure_default_dataset() -> Tuple[Path, str]:
 
     Generation goes into a temporary sibling folder that is then renamed into place, so an
     interrupted run or two concurrent first runs never leave a half-written dataset. A folder
-    generated before the no-LLM model inputs existed gets them added (each written atomically),
-    its other files untouched.
+    generated before the no-LLM model inputs or the item texts and word view existed gets them
+    added (each written atomically), its other files untouched.
 
     Returns:
       (data_dir, name) to pass to `lirdrec_jax.data.load_mmrec`.

@@ -582,3 +582,56 @@ def test_load_dataset_item_input_rows_must_be_nonzero(tmp_path):
     with pytest.raises(DataError, match=r'items\.npy \(data\.items_file\): row 4 \(item 4\) is '
                                         r'all zeros'):
         experiment.load_dataset(input_files_config(tmp_path), input_files())
+
+
+def sparse_input_files():
+    from lirdrec_jax.models.base import InputFile
+    build = 'make-words --data_dir {data_dir} --dataset {dataset}'
+    return (InputFile('words_file', 'users', build, kind='sparse'),)
+
+
+def save_sparse_users(folder, n_rows=N_USERS, bad=None):
+    """A (n_rows, 7) COO matrix with a duplicate entry, zero rows and a negative value."""
+    import scipy.sparse as sp
+    rows, cols = [0, 0, 2, 4, 4], [1, 1, 3, 0, 6]
+    vals = [1.5, 0.5, 2.0, -1.0, 3.0 if bad is None else bad]
+    sp.save_npz(folder / 'words.npz', sp.coo_matrix((vals, (rows, cols)), shape=(n_rows, 7)))
+
+
+def test_load_dataset_reads_a_sparse_input_file(tmp_path):
+    import scipy.sparse as sp
+    from lirdrec_jax import experiment
+    save_sparse_users(make_dataset(tmp_path))
+    ds = experiment.load_dataset(input_files_config(tmp_path, words_file='words.npz'),
+                                 sparse_input_files())
+    words = ds.extra['words_file']
+    assert isinstance(words, sp.csr_matrix) and words.dtype == np.float32
+    assert words.has_canonical_format and words.shape == (N_USERS, 7)
+    expected = np.zeros((N_USERS, 7), np.float32)
+    expected[0, 1], expected[2, 3], expected[4, 0], expected[4, 6] = 2.0, 2.0, -1.0, 3.0
+    np.testing.assert_array_equal(words.toarray(), expected)  # the duplicate (0, 1) is summed
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing', r'words\.npz does not exist: the model reads it as data\.words_file \(a sparse '
+                r'matrix, one row per user\); build it with: make-words --data_dir .* --dataset '
+                r'toy$'),
+    ('rows', r'words\.npz \(data\.words_file\): 6 rows but the dataset has n_users=5; expected '
+             r'one row per user'),
+    ('nan', r'words\.npz \(data\.words_file\): row 4 \(user 4\) contains NaN or Inf'),
+    ('not_npz', r'words\.npz \(data\.words_file\): cannot be loaded as a sparse \.npz matrix '
+                r'\(the file does not start with the zip magic bytes'),
+])
+def test_load_dataset_sparse_input_file_errors(tmp_path, case, message):
+    from lirdrec_jax import experiment
+    folder = make_dataset(tmp_path)
+    if case == 'rows':
+        save_sparse_users(folder, n_rows=N_USERS + 1)
+    elif case == 'nan':
+        save_sparse_users(folder, bad=np.nan)
+    elif case == 'not_npz':
+        np.save(folder / 'words.npy', np.ones((N_USERS, 7)))
+        (folder / 'words.npy').rename(folder / 'words.npz')
+    with pytest.raises(DataError, match=message):
+        experiment.load_dataset(input_files_config(tmp_path, words_file='words.npz'),
+                                sparse_input_files())

@@ -1,12 +1,13 @@
 """Tests of the synthetic data generator (lirdrec_jax.synthetic): the embedded default dataset,
 the benchmark's exact-count datasets, and the `python -m data_prep.synthetic` front end."""
 import hashlib
+import json
 
 import numpy as np
 import pytest
 
 from data_prep import synthetic as synthetic_cli
-from lirdrec_jax import data, mmrec_files, model_inputs, synthetic
+from lirdrec_jax import data, mmrec_files, model_inputs, synthetic, word_view
 from lirdrec_jax.data import DataError
 
 SMALL = dict(n_users=200, n_items=120, image_dim=24, text_dim=16)
@@ -169,7 +170,8 @@ def test_cli_writes_and_summarizes(tmp_path, capsys):
                                '--n_items', '80', '--image_dim', '8', '--text_dim', '8']) == 0
     out = capsys.readouterr().out
     assert 'wrote' in out and 'split rows: train' in out
-    for fname in ('cli.inter', 'image_text_feat.npy', 'user_preferences_feat.npy'):
+    for fname in ('cli.inter', 'image_text_feat.npy', 'user_preferences_feat.npy',
+                  'item_text.jsonl', word_view.WORDS_FILE, word_view.VOCAB_FILE):
         assert (tmp_path / 'cli' / fname).is_file()
 
 
@@ -206,6 +208,137 @@ def test_default_dataset_bytes_are_pinned():
            'image_feat': d.image_feat.tobytes(), 'text_feat': d.text_feat.tobytes(),
            'image_text_feat': items.tobytes(), 'user_preferences_feat': users.tobytes()}
     assert {k: hashlib.sha256(v).hexdigest() for k, v in got.items()} == DEFAULT_SHA256
+
+
+# --------------------------------------------------------------------------- item texts, word view
+
+WORD_FILES = ('item_text.jsonl', word_view.WORDS_FILE, word_view.VOCAB_FILE)
+# sha256 of the default dataset's item texts and word view (DGVAE's inputs): the item_text.jsonl
+# and vocabulary bytes, and the CSR arrays of the matrix (indptr, indices as int64, data as
+# float32, little-endian; the .npz container itself depends on the platform's zip metadata).
+DEFAULT_WORDS_SHA256 = {
+    'item_text.jsonl': '3e4f608732ccb3cda7fac4247977530824587a6d99b7be373261d0d9dce1b7a9',
+    'vocabulary': '0492b5318b5a41f2174038686025e927adbdaf7844e848e5c4a2f089041d8072',
+    'words_csr': 'e1f0c0a3868e816ad2af1e36c05e4e74f2652829e312949a536f7287da49028c',
+}
+
+
+def csr_bytes(m):
+    return (m.indptr.astype('<i8').tobytes() + m.indices.astype('<i8').tobytes()
+            + m.data.astype('<f4').tobytes())
+
+
+def default_word_view(d):
+    train = d.x_label == 0
+    docs = [word_view.item_document(t, None) for t in d.item_text]
+    return word_view.build_word_view(docs, d.users[train], d.items[train], int(d.users.max()) + 1)
+
+
+@pytest.fixture(scope='module')
+def default_data():
+    return synthetic.generate_synthetic()
+
+
+def test_default_word_files_are_pinned(default_data):
+    d = default_data
+    view = default_word_view(d)
+    assert view.matrix.shape == (int(d.users.max()) + 1, len(view.vocabulary))
+    got = {'item_text.jsonl': synthetic.format_item_texts(d.item_text).encode(),
+           'vocabulary': word_view.format_vocabulary(view.vocabulary),
+           'words_csr': csr_bytes(view.matrix)}
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in got.items()} == DEFAULT_WORDS_SHA256
+
+
+def test_item_texts_carry_signal_about_the_choices(default_data):
+    """Ranking by the word overlap of a user's word view with an item's text puts the user's
+    test items above most items (AUC well above 0.5); must fail: with the texts shuffled over
+    the items, the same ranking is at chance."""
+    d = default_data
+    view = default_word_view(d)
+    users = view.matrix.toarray()
+    column = {w: j for j, w in enumerate(view.vocabulary)}
+    test = d.x_label == 2
+
+    def auc(texts):
+        bags = np.zeros((len(texts), len(column)))
+        for i, text in enumerate(texts):
+            for w in word_view.tokenize(text):
+                if w in column:
+                    bags[i, column[w]] += 1
+        scores = users[d.users[test]] @ bags.T
+        mine = scores[np.arange(scores.shape[0]), d.items[test]]
+        return (scores < mine[:, None]).mean()
+
+    shuffled = np.random.default_rng(0).permutation(len(d.item_text))
+    assert auc(d.item_text) > 0.7
+    assert 0.45 < auc([d.item_text[k] for k in shuffled]) < 0.55
+    # Generic filler words are in most user documents: max_df drops every one of them.
+    assert not set(synthetic.FILLER_WORDS) & set(view.vocabulary)
+    assert set(view.vocabulary) <= set(synthetic.topic_words(synthetic.TOPIC_WORDS))
+
+
+def test_item_texts_come_from_their_own_stream():
+    f = np.random.default_rng(1).standard_normal((30, 4))
+    texts = synthetic.item_texts(5, f)
+    assert texts == synthetic.item_texts(5, f) and texts != synthetic.item_texts(6, f)
+    assert all(len(t.split()) == synthetic.WORDS_PER_ITEM + synthetic.FILLER_PER_ITEM
+               for t in texts)
+    assert len(set(synthetic.topic_words(4225))) == 4225
+    assert not set(synthetic.topic_words(synthetic.TOPIC_WORDS)) & set(synthetic.FILLER_WORDS)
+
+
+def test_word_files_written_with_the_data(small):
+    root, folder = small
+    d = synthetic.generate_synthetic(seed=3, **SMALL)
+    lines = (folder / 'item_text.jsonl').read_text(encoding='utf-8').splitlines()
+    assert [json.loads(x) for x in lines] == [{'itemID': i, 'text': t}
+                                              for i, t in enumerate(d.item_text)]
+    import scipy.sparse as sp
+    matrix = sp.load_npz(folder / word_view.WORDS_FILE)
+    vocab = word_view.read_vocabulary(folder / word_view.VOCAB_FILE, matrix.shape[1])
+    view = default_word_view(d)
+    assert vocab == view.vocabulary
+    np.testing.assert_array_equal(matrix.toarray(), view.matrix.toarray())
+    # It loads as a model's sparse input file.
+    from lirdrec_jax import experiment
+    from lirdrec_jax.models.base import InputFile
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(data_dir=str(root), dataset='small', cache_dir='',
+                                         image_file='image_feat.npy', text_file='text_feat.npy',
+                                         words_file=word_view.WORDS_FILE))
+    ds = experiment.load_dataset(cfg, (InputFile('words_file', 'users', '', kind='sparse'),))
+    np.testing.assert_array_equal(ds.extra['words_file'].toarray(), view.matrix.toarray())
+
+
+def test_default_dataset_gains_the_missing_word_files(tmp_path, monkeypatch, default_data,
+                                                      capsys):
+    monkeypatch.setenv(synthetic.CACHE_ENV, str(tmp_path))
+    folder = synthetic.default_dataset_dir() / 'synthetic'
+    folder.mkdir(parents=True)
+    synthetic.write_mmrec_files(folder.parent, 'synthetic', default_data)
+    built = {f: (folder / f).read_bytes() for f in WORD_FILES}
+    for f in built:
+        (folder / f).unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    synthetic.ensure_default_dataset()
+    # Regenerated from the generator (the folder's .inter is the default's): the same bytes as
+    # written with the data, nothing else rewritten, no temporary file left.
+    assert {f: (folder / f).read_bytes() for f in WORD_FILES} == built
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name in stamps} == stamps
+    assert sorted(p.name for p in folder.iterdir()) == sorted(list(stamps) + list(built))
+    # Must fail: a folder that is not the default generator's output gets no texts (warned).
+    other = tmp_path / 'other'
+    monkeypatch.setenv(synthetic.CACHE_ENV, str(other))
+    small = synthetic.default_dataset_dir() / 'synthetic'
+    small.mkdir(parents=True)
+    synthetic.write_mmrec_files(small.parent, 'synthetic', synthetic.generate_synthetic(
+        n_users=150, n_items=90, image_dim=8, text_dim=6))
+    for f in WORD_FILES:
+        (small / f).unlink()
+    capsys.readouterr()
+    synthetic.ensure_default_dataset()
+    assert not any((small / f).exists() for f in WORD_FILES)
+    assert "is not the default generator's output" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- exact counts
@@ -255,6 +388,14 @@ def test_exact_counts_deterministic_and_in_memory_dataset(exact):
     assert ds.train.users.dtype == np.int32 and ds.test.items.dtype == np.int32
     np.testing.assert_array_equal(ds.valid.items, exact.items[exact.x_label == 1])
     assert ds.image_feat is exact.image_feat
+
+
+def test_exact_counts_item_texts_leave_the_other_arrays_unchanged(exact):
+    with_text = synthetic.generate_exact_counts(*EXACT, seed=1, image_dim=16, text_dim=8,
+                                                item_text=True)
+    assert exact.item_text is None and len(with_text.item_text) == EXACT[1]
+    for name in synthetic.SyntheticData._fields[:-1]:
+        np.testing.assert_array_equal(getattr(with_text, name), getattr(exact, name))
 
 
 def test_in_memory_dataset_matches_the_written_files(small):

@@ -53,19 +53,28 @@ class ProblemSize(NamedTuple):
 
 
 class InputFile(NamedTuple):
-    """One extra `.npy` file a model reads from the dataset folder (`Model.input_files`).
+    """One extra file a model reads from the dataset folder (`Model.input_files`).
 
     Attributes:
       field: the field of the config's `data` section that holds the file name, e.g.
         'image_text_file'; the file is `<data_dir>/<dataset>/<data.<field>>` and reaches the
-        model as `dataset.extra[field]`, a (rows, d) float32 array.
+        model as `dataset.extra[field]`.
       rows: 'items' or 'users': one row per item (n_items rows) or per user (n_users rows).
       build: the command line that builds the file, shown when it is missing; '{data_dir}' and
         '{dataset}' in it are replaced by the configured ones.
+      kind: what the file holds and what the model receives (`model_inputs.INPUT_KINDS`):
+        'dense': a `.npy` array (numpy.save), loaded as a (rows, d) float32 ndarray; item rows
+          must be non-zero (they feed cosine kNN graphs);
+        'sparse': a scipy sparse matrix saved with `scipy.sparse.save_npz` (`.npz`, any of
+          scipy's formats), loaded as a (rows, d) float32 `scipy.sparse.csr_matrix` with sorted
+          indices and no duplicate entries (e.g. DGVAE's per-user word TF-IDF,
+          `lirdrec_jax.word_view`); rows may be zero.
+        Both are checked to have the dataset's row count, d >= 1 and finite values.
     """
     field: str
     rows: str
     build: str
+    kind: str = 'dense'
 
 
 class ParityHooks(NamedTuple):
