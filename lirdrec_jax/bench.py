@@ -58,11 +58,17 @@ EVAL_REPEATS = 3  # evaluations timed after the first (which compiles); the best
 
 def synthetic_dataset(n_users: int, n_items: int, n_interactions: int, *, seed: int = 0,
                       image_dim: int = IMAGE_DIM, text_dim: int = TEXT_DIM,
-                      name: str = 'bench') -> MMRecDataset:
-    """Exactly these counts, Amazon-like shape: see `lirdrec_jax.synthetic.generate_exact_counts`."""
+                      name: str = 'bench', input_files=()) -> MMRecDataset:
+    """Exactly these counts, Amazon-like shape: see `lirdrec_jax.synthetic.generate_exact_counts`.
+    A model's extra input files (`input_files`) get their stand-ins in `extra`
+    (`model_inputs.with_no_llm_inputs`; sparse ones from generated item texts)."""
     from lirdrec_jax import synthetic
-    return synthetic.to_dataset(synthetic.generate_exact_counts(
-        n_users, n_items, n_interactions, seed=seed, image_dim=image_dim, text_dim=text_dim), name)
+    texts = any(getattr(f, 'kind', 'dense') == 'sparse' for f in input_files)
+    data = synthetic.generate_exact_counts(n_users, n_items, n_interactions, seed=seed,
+                                           image_dim=image_dim, text_dim=text_dim,
+                                           item_text=texts)
+    return model_inputs.with_no_llm_inputs(synthetic.to_dataset(data, name), input_files,
+                                           data.item_text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +186,8 @@ def _time_epochs(cfg, data, partitioner, n_epochs: int) -> dict:
         evals.append(time.perf_counter() - t)
     return {'compile_seconds': compile_s, 'epoch_seconds': epochs,
             'eval_seconds': min(evals[1:]), 'eval_first_seconds': evals[0],
-            'n_batches': int(batches.users.shape[0]), 'params': count_params(state.params)}
+            'n_batches': int(jax.tree.leaves(batches)[0].shape[0]),
+            'params': count_params(state.params)}
 
 
 def _time_sweep(cfg, data, partitioner, n_points: int) -> dict:
@@ -207,15 +214,15 @@ def _time_sweep(cfg, data, partitioner, n_points: int) -> dict:
 
 def run_benchmark(args) -> dict:
     n_users, n_items, n_inter = SCALES[args.scale]
-    t = time.perf_counter()
-    dataset = synthetic_dataset(n_users, n_items, n_inter, name=args.scale)
-    generate_s = time.perf_counter() - t
-    t = time.perf_counter()
     cfg = bench_config(args)
     model = models.get_model(cfg.model_name)
-    # A model's extra input files (e.g. MLLMRec's LLM-derived matrices) are their no-LLM
-    # stand-ins here: the synthetic data has no files, and this measures speed.
-    dataset = model_inputs.with_no_llm_inputs(dataset, model.input_files)
+    t = time.perf_counter()
+    # A model's extra input files (e.g. MLLMRec's LLM-derived matrices, DGVAE's word view) are
+    # their no-LLM stand-ins here: the synthetic data has no files, and this measures speed.
+    dataset = synthetic_dataset(n_users, n_items, n_inter, name=args.scale,
+                                input_files=model.input_files)
+    generate_s = time.perf_counter() - t
+    t = time.perf_counter()
     data = train.prepare_data(dataset, cfg.model_name)
     prepare_s = time.perf_counter() - t
     partitioner = train.create_partitioner(cfg.parallel)
@@ -226,12 +233,14 @@ def run_benchmark(args) -> dict:
     if model.flops_per_batch is None:
         raise SystemExit(f'error: model {cfg.model_name!r} has no FLOP count (flops_per_batch)')
     size = base.ProblemSize(n_users, n_items, int(dataset.train.users.size),
-                            int(cfg.train.batch_size), (IMAGE_DIM, TEXT_DIM))
+                            int(cfg.train.batch_size), (IMAGE_DIM, TEXT_DIM),
+                            tuple(int(dataset.extra[f.field].shape[1])
+                                  for f in model.input_files))
     flops = model.flops_per_batch(cfg.model, size) * timing['n_batches']
     floor = flops / (rate * partitioner.n_devices)
     result = {
         'model': cfg.model_name, 'scale': args.scale, 'users': n_users, 'items': n_items, 'interactions': n_inter,
-        'train_rows': int(dataset.train.users.size),
+        'train_rows': int(dataset.train.users.size), 'batch_size': int(cfg.train.batch_size),
         'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
         'jax': jax.__version__, 'backend': parallel.platform(),
         'devices': partitioner.describe(),
@@ -293,7 +302,8 @@ def format_report(r: dict) -> str:
         f'{r["devices"]}',
         f'data ({r["scale"]} scale, synthetic): {r["users"]} users, {r["items"]} items, '
         f'{r["interactions"]} interactions ({r["train_rows"]} train rows, {r["n_batches"]} '
-        f'batches of 2048); features {IMAGE_DIM}-d image + {TEXT_DIM}-d text',
+        f'batches of {r.get("batch_size", 2048)}); features {IMAGE_DIM}-d image + {TEXT_DIM}-d '
+        'text',
         f'options: {r["options"]}',
         '',
         f'{"what":40s} {"ours":>12s}',

@@ -41,6 +41,7 @@ def base(model_name: str, learning_rate: float) -> ml_collections.ConfigDict:
     c.eval.topk = (5, 10, 20, 50)
     c.eval.valid_metric = 'recall@20'
     c.eval.batch_size = 512         # users per device and dispatch; results do not depend on it
+    c.eval.recall_denominator = 'test_items'  # Recall@k / |test items| (MMRec); 'min_k_test_items': / min(k, |test items|)
 
     c.graph = ml_collections.ConfigDict()
     c.graph.spmm_impl = 'bcoo'      # 'bcoo' (jax.experimental.sparse) or 'segment_sum' (chunked)

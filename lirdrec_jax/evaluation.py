@@ -8,6 +8,10 @@ Per split (valid or test):
 - hit[u, r] says whether the r-th item is one of the user's items in the split; pos_len[u] counts
   the user's rows in the split (a duplicated (user, item) row counts twice, as in the reference);
 - recall / ndcg / precision / map at each k are averaged over users and rounded to 4 decimals.
+  Recall@k divides by pos_len (MMRec); `recall_denominator='min_k_test_items'` divides by
+  min(k, pos_len) instead, as some references' own evaluators do (e.g. DGVAE's).
+- a model scores with the dot product of its user and item embeddings, or with its own
+  `score` function (`base.Model.score`, e.g. DGVAE's mixture over factors).
 
 Scoring and top-k run on the accelerator in fixed-shape batches (one compilation per split);
 given a `parallel.Partitioner`, each device ranks its own batch of users (the users are split
@@ -32,6 +36,9 @@ from lirdrec_jax import parallel
 DEFAULT_METRICS: Tuple[str, ...] = ('recall', 'ndcg', 'precision', 'map')
 DEFAULT_KS: Tuple[int, ...] = (5, 10, 20, 50)
 MASK_SCORE = -1e10  # the reference's value for masked training items
+# What Recall@k divides the hits by: 'test_items' = the user's rows in the split (MMRec), or
+# 'min_k_test_items' = min(k, that count) (e.g. DGVAE's own evaluator).
+RECALL_DENOMINATORS: Tuple[str, ...] = ('test_items', 'min_k_test_items')
 
 
 class EvalSplit(NamedTuple):
@@ -138,21 +145,30 @@ def build_eval_split(split_users: np.ndarray, split_items: np.ndarray,
 # Ranking on the accelerator
 # ----------------------------------------------------------------------------------------------
 
-def _masked_scores(user_emb: jax.Array, item_emb: jax.Array, batch_users: jax.Array,
-                   mask_rows: jax.Array, mask_cols: jax.Array) -> jax.Array:
-    """(b, n_items) scores of a batch of users, masked pairs set to MASK_SCORE."""
+def dot_scores(users: jax.Array, items: jax.Array) -> jax.Array:
+    """The default score: (b, d) user rows times (n_items, d) item embeddings, transposed."""
     # HIGHEST: on TPU/GPU the default f32 matmul uses reduced precision, which would reorder
     # near-tied items relative to the float32 reference.
-    scores = jnp.matmul(user_emb[batch_users], item_emb.T,
-                        precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(users, items.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _masked_scores(user_emb, item_emb, batch_users: jax.Array, mask_rows: jax.Array,
+                   mask_cols: jax.Array, score=None) -> jax.Array:
+    """(b, n_items) scores of a batch of users, masked pairs set to MASK_SCORE.
+
+    `score(user rows, item_emb) -> (b, n_items)` (None: `dot_scores`); `user_emb` may then be
+    any pytree of (n_users, ...) arrays, of which the batch's rows are passed."""
+    rows = jax.tree.map(lambda u: u[batch_users], user_emb)
+    scores = (score or dot_scores)(rows, item_emb)
     # Padding pairs point at row b (out of range) and are dropped, so the mask length can be a
     # fixed per-split constant without touching real rows.
     return scores.at[mask_rows, mask_cols].set(MASK_SCORE, mode='drop')
 
 
-def _topk_exact(user_emb, item_emb, batch_users, mask_rows, mask_cols, k: int) -> jax.Array:
-    return jax.lax.top_k(_masked_scores(user_emb, item_emb, batch_users, mask_rows, mask_cols),
-                         k)[1].astype(jnp.int32)
+def _topk_exact(user_emb, item_emb, batch_users, mask_rows, mask_cols, k: int,
+               score=None) -> jax.Array:
+    return jax.lax.top_k(_masked_scores(user_emb, item_emb, batch_users, mask_rows, mask_cols,
+                                        score), k)[1].astype(jnp.int32)
 
 
 def total_order_key(x: jax.Array) -> jax.Array:
@@ -243,11 +259,13 @@ def _batched_mask_pairs(split: EvalSplit, batch: int) -> Tuple[np.ndarray, np.nd
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_topk(partitioner, k: int, ordered: bool):
-    """`_topk_batch` once per device on that device's block of users (cached per mesh, k and
-    whether the item order is used)."""
+def _sharded_topk(partitioner, k: int, ordered: bool, score=None):
+    """`_topk_batch` once per device on that device's block of users (cached per mesh, k,
+    whether the item order is used, and the score function)."""
     def per_device(user_emb, item_emb, order, users, rows, cols):
         # users: (batch,), rows/cols: (1, p): this device's block.
+        if score is not None:  # a model's own score: no item order (it is a dot-product hint)
+            return _topk_exact(user_emb, item_emb, users, rows[0], cols[0], k, score)
         return _topk_batch(user_emb, item_emb, order if ordered else None, users, rows[0],
                            cols[0], k=k)
     return partitioner.map_blocks(per_device, n_replicated=3, n_split=3)
@@ -255,7 +273,7 @@ def _sharded_topk(partitioner, k: int, ordered: bool):
 
 def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
                    batch_size: int = 512, partitioner=None,
-                   order_items: bool = True) -> np.ndarray:
+                   order_items: bool = True, score=None) -> np.ndarray:
     """Ranks all items for every evaluated user, training items masked with -1e10.
 
     Args:
@@ -269,12 +287,20 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
         default device (`parallel.single_device`).
       order_items: scan the items in `item_order` (faster top-k on the CPU; the same result,
         see `_topk_batch`).
+      score: a model's own `score(user rows, item_emb) -> (b, n_items)` (`base.Model.score`);
+        `user_emb` and `item_emb` are then any pytrees it reads (user leaves (n_users, ...)).
+        None: `dot_scores` of (n_users, d) and (n_items, d) embeddings.
 
     Returns:
       (n_eval, k) int32 item ids, best first, rows in `split.users` order.
     """
     partitioner = partitioner or parallel.single_device()
-    n_items = item_emb.shape[0]
+    if score is None:
+        n_items = item_emb.shape[0]
+    else:
+        one_user = jax.tree.map(lambda u: jax.ShapeDtypeStruct((1,) + tuple(np.shape(u)[1:]),
+                                                               jnp.float32), user_emb)
+        n_items = jax.eval_shape(score, one_user, item_emb).shape[1]
     if not 0 < k <= n_items:
         # Every caller passes max(eval.topk); train.check_point_config normally rejects it first.
         raise ValueError(f'config field eval.topk: the largest cutoff is {k}; expected cutoffs '
@@ -295,10 +321,13 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
     rows = np.concatenate([rows, np.full((n_blocks - n_batches, rows.shape[1]), batch,
                                          np.int32)])  # dummy blocks: every pair dropped
     cols = np.concatenate([cols, np.zeros((n_blocks - n_batches, cols.shape[1]), np.int32)])
-    user_emb, item_emb = partitioner.replicate((jnp.asarray(user_emb, jnp.float32),
-                                                jnp.asarray(item_emb, jnp.float32)))
-    order = partitioner.replicate(item_order_jit(user_emb, item_emb))
-    ranked = _sharded_topk(partitioner, k, bool(order_items))
+    user_emb, item_emb = partitioner.replicate(jax.tree.map(
+        lambda x: jnp.asarray(x, jnp.float32), (user_emb, item_emb)))
+    if score is None:
+        order = partitioner.replicate(item_order_jit(user_emb, item_emb))
+    else:
+        order = partitioner.replicate(jnp.arange(n_items, dtype=jnp.int32))  # unused
+    ranked = _sharded_topk(partitioner, k, bool(order_items), score)
     outs = []
     for g in range(0, n_blocks, n_dev):
         blocks = (users[g:g + n_dev].reshape(-1), rows[g:g + n_dev], cols[g:g + n_dev])
@@ -338,8 +367,16 @@ def hit_matrix(topk: np.ndarray, split: EvalSplit) -> np.ndarray:
 
 
 def _recall(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
-    """(K,) recall at every cutoff 1..K, averaged over users."""
+    """(K,) recall at every cutoff 1..K, averaged over users (hits / pos_len, MMRec's)."""
     return (np.cumsum(hits, axis=1) / pos_len.reshape(-1, 1)).mean(axis=0)
+
+
+def _recall_min_k(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
+    """(K,) recall at every cutoff k = 1..K with hits / min(k, pos_len), averaged over users
+    (`recall_denominator='min_k_test_items'`): a user with more held-out items than k can
+    reach 1."""
+    ranks = np.arange(1, hits.shape[1] + 1)
+    return (np.cumsum(hits, axis=1) / np.minimum(ranks[None, :], pos_len[:, None])).mean(axis=0)
 
 
 def _precision(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
@@ -387,7 +424,8 @@ def _round4(value: np.floating) -> float:
 
 def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
                  metrics: Sequence[str] = DEFAULT_METRICS,
-                 ks: Sequence[int] = DEFAULT_KS) -> Dict[str, float]:
+                 ks: Sequence[int] = DEFAULT_KS,
+                 recall_denominator: str = 'test_items') -> Dict[str, float]:
     """Averaged, rounded top-k metrics from a hit matrix.
 
     Args:
@@ -395,6 +433,7 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
       pos_len: (n_eval,) int >= 1 number of the user's rows in the split.
       metrics: names among recall, ndcg, precision, map (case-insensitive).
       ks: cutoffs.
+      recall_denominator: one of RECALL_DENOMINATORS ('test_items': MMRec's).
 
     Returns:
       {'<metric>@<k>': value} in the order metrics x ks, each rounded to 4 decimals.
@@ -409,12 +448,18 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
         raise ValueError('every evaluated user needs at least one item in the split')
     if max(ks) > hits.shape[1] or min(ks) < 1:
         raise ValueError(f'cutoffs {tuple(ks)} must be in [1, {hits.shape[1]}]')
+    if recall_denominator not in RECALL_DENOMINATORS:
+        raise ValueError(f'config field eval.recall_denominator = {recall_denominator!r}; '
+                         f'expected one of {RECALL_DENOMINATORS}')
+    fns = dict(_METRIC_FNS)
+    if recall_denominator == 'min_k_test_items':
+        fns['recall'] = _recall_min_k
     result = {}
     for metric in metrics:
         name = metric.lower()
         if name not in _METRIC_FNS:
             raise ValueError(f'unknown metric {metric!r}; expected one of {sorted(_METRIC_FNS)}')
-        curve = _METRIC_FNS[name](hits, pos_len)
+        curve = fns[name](hits, pos_len)
         for k in ks:
             result[f'{name}@{k}'] = _round4(curve[k - 1])
     return result
@@ -423,7 +468,8 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
 def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
                        metrics: Sequence[str] = DEFAULT_METRICS,
                        ks: Sequence[int] = DEFAULT_KS,
-                       batch_size: int = 512, partitioner=None) -> Dict[str, float]:
+                       batch_size: int = 512, partitioner=None, score=None,
+                       recall_denominator: str = 'test_items') -> Dict[str, float]:
     """Full-sort evaluation of embeddings on one split.
 
     Args:
@@ -432,14 +478,16 @@ def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
       split: the evaluated split.
       metrics, ks: see `topk_metrics`.
       batch_size: users per accelerator batch (per device with a partitioner).
-      partitioner: see `full_sort_topk`.
+      partitioner, score: see `full_sort_topk`.
+      recall_denominator: see `topk_metrics`.
 
     Returns:
       {'<metric>@<k>': value}, see `topk_metrics`.
     """
     topk = full_sort_topk(user_emb, item_emb, split, k=max(ks), batch_size=batch_size,
-                          partitioner=partitioner)
-    return topk_metrics(hit_matrix(topk, split), split.pos_len, metrics=metrics, ks=ks)
+                          partitioner=partitioner, score=score)
+    return topk_metrics(hit_matrix(topk, split), split.pos_len, metrics=metrics, ks=ks,
+                        recall_denominator=recall_denominator)
 
 
 class SharedRanking(NamedTuple):
@@ -474,15 +522,16 @@ def build_shared_ranking(split_users: Sequence[np.ndarray], split_items: Sequenc
 
 def evaluate_shared(user_emb, item_emb, shared: SharedRanking, splits: Sequence[EvalSplit], *,
                     metrics: Sequence[str] = DEFAULT_METRICS, ks: Sequence[int] = DEFAULT_KS,
-                    batch_size: int = 512, partitioner=None) -> Tuple[Dict[str, float], ...]:
+                    batch_size: int = 512, partitioner=None, score=None,
+                    recall_denominator: str = 'test_items') -> Tuple[Dict[str, float], ...]:
     """`evaluate_full_sort` of every split in `splits` (the splits `shared` was built from, in
     the same order) from one ranking of their users. Returns one metric dict per split."""
     if len(splits) != len(shared.rows):
         raise ValueError(f'{len(splits)} splits for a ranking built from {len(shared.rows)}')
     topk = full_sort_topk(user_emb, item_emb, shared.ranked, k=max(ks), batch_size=batch_size,
-                          partitioner=partitioner)
+                          partitioner=partitioner, score=score)
     return tuple(topk_metrics(hit_matrix(topk[rows], split), split.pos_len, metrics=metrics,
-                              ks=ks)
+                              ks=ks, recall_denominator=recall_denominator)
                  for rows, split in zip(shared.rows, splits))
 
 

@@ -318,3 +318,82 @@ def modality_weights(has_image: bool, has_text: bool, mm_image_weight: float) ->
     if has_image and has_text:
         return [mm_image_weight, 1.0 - mm_image_weight]
     return [1.0]
+
+
+# Entries of the (rows, n) similarity block that `cosine_knn` holds at once (128 MB of float32).
+COSINE_BLOCK_ENTRIES = 1 << 25
+
+
+def cosine_knn(features: np.ndarray, k: int, block_rows: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine similarities of every row against all rows (itself included), in float32,
+    in row blocks, so that only a (block_rows, n) slice of the similarity matrix exists at once.
+
+    The rows are unit-normalised as x / ||x|| (a zero row gives NaN, as in the references).
+    Ties go to the lower column index (jax.lax.top_k).
+
+    Args:
+      features: (n, d) rows.
+      k: neighbours per row, at most n.
+      block_rows: rows per block; 0 = as many as fit COSINE_BLOCK_ENTRIES.
+
+    Returns:
+      ((n, k) float32 similarities, largest first; (n, k) int32 column indices).
+    """
+    n = features.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f'k={k} neighbours requested from {n} rows; expected 1 <= k <= {n}')
+    block = block_rows or max(1, min(n, COSINE_BLOCK_ENTRIES // max(n, 1)))
+    x = jnp.asarray(features, jnp.float32)
+    unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    values, indices = [], []
+    for start in range(0, n, block):
+        v, i = _block_topk_values(unit[start:start + block], unit, k)
+        values.append(np.asarray(v))
+        indices.append(np.asarray(i))
+    return np.concatenate(values), np.concatenate(indices).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _block_topk_values(rows: jax.Array, unit: jax.Array, k: int) -> tuple:
+    return jax.lax.top_k(rows @ unit.T, k)
+
+
+def top_k_per_row(matrix: sp.spmatrix, k: int) -> sp.csr_matrix:
+    """The k largest stored entries of every row of a sparse matrix (all of a row's entries
+    when it has at most k); ties go to the lower column index. Stored zeros count as entries:
+    eliminate them first if they must not.
+
+    Returns:
+      CSR of the same shape and dtype, sorted indices.
+    """
+    coo = sp.coo_matrix(matrix)
+    coo.sum_duplicates()
+    order = np.lexsort((coo.col, -coo.data, coo.row))  # by row, value descending, column
+    rows, cols, data = coo.row[order], coo.col[order], coo.data[order]
+    starts = np.searchsorted(rows, np.arange(coo.shape[0]))
+    rank = np.arange(rows.size) - starts[rows]
+    keep = rank < k
+    out = sp.csr_matrix((data[keep], (rows[keep], cols[keep])), shape=coo.shape)
+    out.sort_indices()
+    return out
+
+
+def sym_norm_by_row_sums(matrix: sp.spmatrix) -> sp.csr_matrix:
+    """D^-1/2 M D^-1/2 with D the row sums of M (not symmetrised first), and 0 where a row sum
+    is 0 (its inverse square root, inf, set to 0): LATTICE's dense 'sym' Laplacian
+    normalisation, which its descendants use for item-item graphs. No epsilon is added (unlike
+    `norm_adjacency`). Entries that become 0 (a column whose own row sums to 0) are dropped.
+
+    Returns:
+      float64 CSR, sorted indices.
+    """
+    m = sp.csr_matrix(matrix, dtype=np.float64)
+    row_sum = np.asarray(m.sum(axis=1)).ravel()
+    with np.errstate(divide='ignore'):
+        inv_sqrt = np.power(row_sum, -0.5)
+    inv_sqrt[np.isinf(inv_sqrt)] = 0.0
+    scale = sp.diags(inv_sqrt)
+    out = (scale @ m @ scale).tocsr()
+    out.eliminate_zeros()
+    out.sort_indices()
+    return out

@@ -106,19 +106,36 @@ def no_llm_rows(dataset, rows: str) -> np.ndarray:
     return mean_user_rows(items, dataset.train.users, dataset.train.items, dataset.n_users)[0]
 
 
-def with_no_llm_inputs(dataset, input_files: Sequence) -> object:
-    """`dataset` with `extra` holding the no-LLM stand-in of each declared input file (dense
-    ones only: a sparse input such as DGVAE's word view is built from item texts, which an
-    in-memory dataset does not have)."""
+def word_view_rows(dataset, rows: str, item_texts: Sequence[str]):
+    """The stand-in of a sparse input file from an in-memory dataset: the word view
+    (`lirdrec_jax.word_view`, each user's TF-IDF over the words of its training items) built
+    from `item_texts` ((n_items,) strings, e.g. the synthetic data's made-up texts)."""
+    from lirdrec_jax import word_view
+    if rows != 'users':
+        raise DataError(f'dataset {dataset.name}: a sparse input file with one row per '
+                        f'{rows[:-1]} has no stand-in; expected one row per user (a word view)')
+    return word_view.build_word_view(list(item_texts), dataset.train.users,
+                                     dataset.train.items, dataset.n_users).matrix
+
+
+def with_no_llm_inputs(dataset, input_files: Sequence,
+                       item_texts: Optional[Sequence[str]] = None) -> object:
+    """`dataset` with `extra` holding the no-LLM stand-in of each declared input file: dense
+    ones from the text features (`no_llm_rows`), sparse ones (DGVAE's word view) from
+    `item_texts` (`word_view_rows`), which an in-memory dataset has only when its generator
+    made them (`synthetic.generate_exact_counts(item_text=True)`)."""
     if not input_files:
         return dataset
     for f in input_files:
-        if getattr(f, 'kind', 'dense') != 'dense':
+        if getattr(f, 'kind', 'dense') != 'dense' and item_texts is None:
             raise DataError(f'dataset {dataset.name}: the model reads a {f.kind} input file '
                             f'(data.{f.field}), which has no stand-in built from the in-memory '
-                            f'data (it needs item texts); expected dense input files only')
-    return dataset._replace(extra=as_mapping({f.field: no_llm_rows(dataset, f.rows)
-                                              for f in input_files}))
+                            f'data without item texts; expected dense input files only, or '
+                            f'item texts to build it from')
+    return dataset._replace(extra=as_mapping({
+        f.field: (no_llm_rows(dataset, f.rows) if getattr(f, 'kind', 'dense') == 'dense'
+                  else word_view_rows(dataset, f.rows, item_texts))
+        for f in input_files}))
 
 
 def save_npy_atomic(path: PathLike, array: np.ndarray) -> None:

@@ -1,6 +1,9 @@
 """Training batches of each kind a model can name (`BATCH_KINDS`), drawn on the host per epoch.
 
 'bpr': BPR training triples: shuffled positives, one uniformly drawn negative per positive.
+'user_rows': user ids for models that train on whole user rows (VAEs such as DGVAE): every
+  user 0..n_users-1 once per epoch, shuffled, cut into batches (a PyTorch DataLoader with
+  shuffle=True and drop_last=False over the rows of a user matrix); the model builds the rows.
 
 Semantics of the reference (MMRec's TrainDataLoader), vectorised:
 - every epoch the training rows are shuffled and cut into batches of `batch_size` in order;
@@ -97,6 +100,30 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch]))
 
 
+class UserRowBatches(NamedTuple):
+    """One epoch of user ids, padded to whole batches (the 'user_rows' kind).
+
+    Attributes:
+      users: (n_batches, batch_size) int32 user ids; padding rows repeat the first user.
+      weights: (n_batches, batch_size) float32, 1 on real rows, 0 on the padding rows of the
+        last batch (a model's per-row means must weight by them).
+    """
+    users: np.ndarray
+    weights: np.ndarray
+
+
+def user_row_batches(rng: np.random.Generator, n_users: int, batch_size: int) -> UserRowBatches:
+    """Every user 0..n_users-1 once, in a random order, cut into batches of `batch_size` (the
+    last one padded). Users without training rows are included, as a DataLoader over all rows
+    of the reference's user matrix includes their zero rows."""
+    order = rng.permutation(n_users).astype(np.int32)
+    n_batches = max(1, -(-n_users // batch_size))
+    pad = n_batches * batch_size - n_users
+    users = np.concatenate([order, np.repeat(order[:1], pad)]).reshape(n_batches, batch_size)
+    weights = np.concatenate([np.ones(n_users, np.float32), np.zeros(pad, np.float32)])
+    return UserRowBatches(users, weights.reshape(n_batches, batch_size))
+
+
 class BatchKind(NamedTuple):
     """A kind of training batch: `tables(dataset) -> tables` is built once per dataset,
     `draw(rng, tables, batch_size) -> batches` once per epoch; batches are a NamedTuple of
@@ -109,7 +136,12 @@ def _bpr_tables(dataset) -> SamplerTables:
     return sampler_tables(dataset.train.users, dataset.train.items, dataset.n_items)
 
 
-BATCH_KINDS = {'bpr': BatchKind(_bpr_tables, epoch_batches)}
+def _user_row_tables(dataset) -> int:
+    return int(dataset.n_users)
+
+
+BATCH_KINDS = {'bpr': BatchKind(_bpr_tables, epoch_batches),
+               'user_rows': BatchKind(_user_row_tables, user_row_batches)}
 
 
 def batch_kind(name: str) -> BatchKind:

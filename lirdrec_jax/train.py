@@ -159,6 +159,8 @@ def check_point_config(cfg, n_users: int, n_items: int) -> None:
         (cfg.eval.valid_metric.lower() in metrics, 'eval.valid_metric',
          f'one of the computed metrics {metrics}'),
         (max(cfg.eval.topk) <= n_items, 'eval.topk', f'cutoffs <= n_items={n_items}'),
+        (cfg.eval.get('recall_denominator', 'test_items') in evaluation.RECALL_DENOMINATORS,
+         'eval.recall_denominator', f'one of {evaluation.RECALL_DENOMINATORS}'),
         (cfg.optim.learning_rate > 0, 'optim.learning_rate', '> 0'),
         (cfg.train.batch_size >= 1, 'train.batch_size', '>= 1'),
         (cfg.train.eval_step >= 1, 'train.eval_step', '>= 1'),
@@ -394,11 +396,14 @@ def early_stopping(progress: Progress, score: float, stopping_step: int) -> tupl
 def evaluate_splits(user_emb, item_emb, data: PreparedData, e,
                     partitioner: parallel.Partitioner) -> tuple:
     """(valid, test) metric dicts of one pair of embeddings (one shared ranking of their
-    users: both splits mask the same training items, see `evaluation.SharedRanking`)."""
+    users: both splits mask the same training items, see `evaluation.SharedRanking`), scored
+    by the model's own `score` when it has one, else by the dot product."""
     ks, metrics = tuple(e.topk), tuple(m_.lower() for m_ in e.metrics)
-    return evaluation.evaluate_shared(user_emb, item_emb, data.ranking, (data.valid, data.test),
-                                      metrics=metrics, ks=ks, batch_size=int(e.batch_size),
-                                      partitioner=partitioner)
+    return evaluation.evaluate_shared(
+        user_emb, item_emb, data.ranking, (data.valid, data.test), metrics=metrics, ks=ks,
+        batch_size=int(e.batch_size), partitioner=partitioner,
+        score=models.get_model(data.model_name).score,
+        recall_denominator=str(e.get('recall_denominator', 'test_items')))
 
 
 class PointFiles:

@@ -386,3 +386,55 @@ def test_any_item_order_gives_the_exact_top_k(integer_embeddings):
         ordered, exact = _ordered_and_exact(user_emb, item_emb, order, rows, cols, k=20)
         np.testing.assert_array_equal(ordered, exact)
     assert sorted(best_first.tolist()) == list(range(n_items))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recall denominator option and a model's own score function
+# ----------------------------------------------------------------------------------------------
+
+def test_recall_with_min_k_denominator_hand_computed():
+    # The hits of test_topk_metrics_hand_computed; Recall@k divides by min(k, pos_len).
+    # A (pos 2): @1 1/min(1,2) = 1; @2 1/2; @3 2/2 = 1.
+    # B (pos 5): @1 0/1 = 0; @2 1/2; @3 2/3.
+    # C (pos 1): 0, 0, 0.
+    # -> @1 1/3 = 0.3333; @2 1/3 = 0.3333; @3 (1 + 2/3)/3 = 0.5556.
+    hits = np.array([[1, 0, 1], [0, 1, 1], [0, 0, 0]], bool)
+    pos_len = np.array([2, 5, 1])
+    got = evaluation.topk_metrics(hits, pos_len, metrics=('recall', 'ndcg'), ks=(1, 2, 3),
+                                  recall_denominator='min_k_test_items')
+    assert {k: v for k, v in got.items() if k.startswith('recall')} == {
+        'recall@1': 0.3333, 'recall@2': 0.3333, 'recall@3': 0.5556}
+    # NDCG is not affected by the option.
+    assert {k: v for k, v in got.items() if k.startswith('ndcg')} == {
+        'ndcg@1': 0.3333, 'ndcg@2': 0.3333, 'ndcg@3': 0.4835}
+    # The default is MMRec's hits / pos_len (different numbers at @2 and @3).
+    default = evaluation.topk_metrics(hits, pos_len, metrics=('recall',), ks=(1, 2, 3))
+    assert default == {'recall@1': 0.1667, 'recall@2': 0.2333, 'recall@3': 0.4667}
+    with pytest.raises(ValueError, match='eval.recall_denominator'):
+        evaluation.topk_metrics(hits, pos_len, ks=(1,), recall_denominator='min_k')
+
+
+def _neg_sq_distance(users, items):
+    """A score that is not a dot product: -||u - i||^2 of user rows (b, d) and item table."""
+    u, i = users['points'], items['points']
+    return -jax.numpy.sum((u[:, None, :] - i[None, :, :]) ** 2, axis=-1)
+
+
+def test_a_models_own_score_ranks_by_it():
+    # Users and items are points on a line (pytrees, as a model's own score may read); the
+    # score is minus the squared distance, so each user ranks items by closeness, which no
+    # dot product of these 1-d points does (a dot product ranks by the item coordinate alone).
+    users = {'points': np.array([[0.0], [2.9], [10.0]], np.float32)}
+    items = {'points': np.array([[0.0], [1.0], [2.0], [3.0], [4.0]], np.float32)}
+    split = evaluation.build_eval_split(np.array([0, 1, 2]), np.array([1, 2, 4]),
+                                        np.array([0, 1]), np.array([0, 3]))
+    topk = evaluation.full_sort_topk(users, items, split, k=3, score=_neg_sq_distance)
+    # u0 at 0 (item 0 masked): 1, 2, 3. u1 at 2.9 (item 3 masked): 2 (0.81), 4 (1.21), 1.
+    # u2 at 10: 4, 3, 2.
+    np.testing.assert_array_equal(topk, [[1, 2, 3], [2, 4, 1], [4, 3, 2]])
+    got = evaluation.evaluate_full_sort(users, items, split, metrics=('recall',), ks=(1, 2),
+                                        score=_neg_sq_distance)
+    # Hits: u0 [1,0] (truth 1), u1 [1,0] (truth 2), u2 [1,0] (truth 4) -> recall@1 = @2 = 1.
+    assert got == {'recall@1': 1.0, 'recall@2': 1.0}
+    dot = evaluation.full_sort_topk(users['points'], items['points'], split, k=3)
+    assert not np.array_equal(dot, topk)  # the dot product ranks differently

@@ -50,3 +50,22 @@ def test_epoch_rng_depends_on_seed_and_epoch_only():
     b = sampling.epoch_rng(7, 3).integers(0, 1 << 30, 4)
     c = sampling.epoch_rng(7, 4).integers(0, 1 << 30, 4)
     assert (a == b).all() and (a != c).any()
+
+
+def test_user_rows_cover_every_user_once_with_zero_weight_padding():
+    kind = sampling.batch_kind('user_rows')
+
+    class Dataset:
+        n_users = 10
+
+    tables = kind.tables(Dataset())
+    b = kind.draw(np.random.default_rng(5), tables, 4)
+    assert b.users.shape == b.weights.shape == (3, 4)  # ceil(10 / 4)
+    np.testing.assert_array_equal(b.weights.ravel(), [1.0] * 10 + [0.0] * 2)
+    np.testing.assert_array_equal(np.sort(b.users.ravel()[:10]), np.arange(10))
+    assert (b.users.ravel()[10:] == b.users.ravel()[0]).all()  # padding repeats the first user
+    again = kind.draw(np.random.default_rng(5), tables, 4)
+    other = kind.draw(np.random.default_rng(6), tables, 4)
+    assert (again.users == b.users).all() and (other.users != b.users).any()
+    exact = kind.draw(np.random.default_rng(5), tables, 5)  # no padding needed
+    assert exact.users.shape == (2, 5) and exact.weights.all()

@@ -44,12 +44,15 @@ class ProblemSize(NamedTuple):
       n_train: training interactions (rows of the `.inter` file with x_label 0).
       batch_size: rows per training batch.
       feature_dims: the widths of the item feature tables, image first ((4096, 384)).
+      input_dims: the widths of the model's extra input files, in `Model.input_files` order
+        (e.g. DGVAE's word count); () when unknown.
     """
     n_users: int
     n_items: int
     n_train: int
     batch_size: int
     feature_dims: Tuple[int, ...]
+    input_dims: Tuple[int, ...] = ()
 
 
 class InputFile(NamedTuple):
@@ -127,12 +130,19 @@ class Model(NamedTuple):
       eval_embeddings: `(net, params, carry, frozen, epoch_inputs, scalars, eval_mode) ->
         (users (n_users, d), items (n_items, d))`: what full-sort evaluation scores with;
         `eval_mode` is the config's `eval.embeddings` ('last_batch' when absent), which a model
-        may ignore.
+        may ignore. With a `score` function, users and items are whatever pytrees it reads
+        (every user leaf has n_users rows).
       flops_per_batch: optional `(model_cfg, size: ProblemSize) -> float`: the analytic FLOP
         count of one training step (the benchmark's floor).
       parity: optional `ParityHooks`.
       input_files: the extra files the model reads (`InputFile`), loaded into
         `dataset.extra` by `experiment.load_dataset`; () for models that read only MMRec's.
+      score: optional `(user rows, items) -> (b, n_items)` float32 scores for models whose
+        ranking is not the dot product of a user and an item vector (e.g. DGVAE's mixture over
+        K factors, log sum_k c_ik exp(z_uk . e_i / tau)): `user rows` are the batch's rows of
+        every leaf of `eval_embeddings`' users, `items` its items unchanged. None: the dot
+        product `users @ items.T` (`evaluation.dot_scores`). A module-level function (it keys
+        a compilation cache).
     """
     name: str
     batch_kind: str
@@ -153,6 +163,7 @@ class Model(NamedTuple):
     flops_per_batch: Optional[Callable] = None
     parity: Optional[ParityHooks] = None
     input_files: Sequence[InputFile] = ()
+    score: Optional[Callable] = None
 
 
 def no_epoch_inputs(prepared, model_cfg, key, epoch):

@@ -16,7 +16,8 @@ The reference reads its inputs through a config dict and a data loader; `Referen
 `MMRecDataset`, so both implementations see the same data. The config holds the framework's
 keys (`framework_config`) and the model's own (its parity module's `reference_model_config`).
 The reference writes its kNN graph cache next to the features; we point it at a temporary
-folder holding links to the feature files, so nothing is written into the user's data.
+folder holding links to the feature files (and to the model's extra input files), so nothing
+is written into the user's data.
 """
 import contextlib
 import importlib
@@ -217,17 +218,32 @@ class ReferenceEvalData:
         return self._torch.from_numpy(self.split.users.astype(np.int64))
 
 
-def staging_folder(dataset_dir: Path, dataset_name: str, image_file: str, text_file: str
-                   ) -> tempfile.TemporaryDirectory:
-    """A temporary `<tmp>/<name>/` with links to the feature files: the reference reads the
-    features there and writes its kNN cache there, never into the user's data folder."""
+def input_file_names(point_cfg) -> dict:
+    """The point's model's extra input files (`base.Model.input_files`): config field ->
+    file name in the dataset folder; empty for models that read only MMRec's files."""
+    from lirdrec_jax import models
+    return {f.field: point_cfg.data[f.field]
+            for f in models.get_model(point_cfg.model_name).input_files}
+
+
+def link_files(dataset_dir: Path, folder: Path, names) -> None:
+    """Symbolic links in `folder` to the files `names` of `dataset_dir` that exist ('' and
+    absent files are skipped: they stay absent for the reference)."""
+    for name in names:
+        source = Path(dataset_dir) / name
+        if name and source.is_file() and not (Path(folder) / name).exists():
+            os.symlink(source.absolute(), Path(folder) / name)
+
+
+def staging_folder(dataset_dir: Path, dataset_name: str, image_file: str, text_file: str,
+                   extra_files=()) -> tempfile.TemporaryDirectory:
+    """A temporary `<tmp>/<name>/` with links to the feature files and to `extra_files` (the
+    model's extra input files, `input_file_names`): the reference reads them there and writes
+    its graph caches there, never into the user's data folder."""
     tmp = tempfile.TemporaryDirectory(prefix='lirdrec_parity_')
     folder = Path(tmp.name) / dataset_name
     folder.mkdir()
-    for name in (image_file, text_file):
-        source = Path(dataset_dir) / name
-        if name and source.is_file():  # '' = modality not used: it stays absent for the reference
-            os.symlink(source.absolute(), folder / name)
+    link_files(dataset_dir, folder, (image_file, text_file, *extra_files))
     return tmp
 
 
@@ -243,7 +259,8 @@ def build_reference_model(ref: Optional[types.SimpleNamespace], point_cfg,
     torch.manual_seed(seed)
     np.random.seed(seed)
     tmp = staging_folder(dataset_dir, dataset.name, point_cfg.data.image_file,
-                         point_cfg.data.text_file)
+                         point_cfg.data.text_file,
+                         tuple(input_file_names(point_cfg).values()))
     config = reference_config(point_cfg, tmp.name + os.sep, dataset.name)
     cls = model_class or ref.Model
     model = cls(config, ReferenceTrainData(dataset))
@@ -321,6 +338,12 @@ def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point, model_
                             (point.data.text_file, dataset.text_feat)):
             if name and table is not None:  # an absent modality stays absent for it too
                 np.save(folder / name, table)
+        for field, name in input_file_names(point).items():  # the model's extra inputs
+            value = dataset.extra[field]
+            if sp.issparse(value):  # a 'sparse' input file (`base.InputFile.kind`)
+                sp.save_npz(folder / name, value)
+            else:
+                np.save(folder / name, value)
         config = reference_config(point, tmp + os.sep, dataset.name)
         torch.manual_seed(0)
         start = time.perf_counter()
