@@ -2,11 +2,14 @@
 
 One explicit table; adding a model is one module under this folder and one line here.
 """
-from lirdrec_jax.models import base, freedom, lirdrec
+from lirdrec_jax.models import base, cm3, dgvae, freedom, lirdrec, mllmrec
 
 REGISTRY = {
     'lirdrec': lirdrec.MODEL,
     'freedom': freedom.MODEL,
+    'cm3': cm3.MODEL,
+    'mllmrec': mllmrec.MODEL,
+    'dgvae': dgvae.MODEL,
 }
 
 
