@@ -114,26 +114,68 @@ def read_descriptions(path: Path, errors: LineErrors, *, progress: bool = True
     Ids are compared as strings (MovieLens ids may be written as numbers). The first
     description of an item wins; later ones are counted.
     """
-    texts: Dict[str, str] = {}
-    duplicates = 0
+    read = read_keyed_texts(path, errors, _description_key, progress)
+    return read.texts, {'duplicate_descriptions_ignored': read.duplicates}
+
+
+def _description_key(record: dict) -> tuple:
+    """`read_keyed_texts`'s (key, stranger, problem) of one description line: its raw id as a
+    string; a missing id and a text that is not a string are one malformed-line message."""
+    key = next((record[k] for k in ID_KEYS if k in record), None)
+    if key is None or isinstance(key, (dict, list)) or not isinstance(record.get('text'), str):
+        return None, None, 'expected {"item_id" (or "asin"): id, "text": string}'
+    return str(key), None, ''
+
+
+class KeyedTexts(NamedTuple):
+    """What `read_keyed_texts` read.
+
+    Attributes:
+      texts: key -> text, the first text of each key.
+      duplicates: later texts of a key, ignored.
+      unknown: lines whose id is no key of the dataset, skipped.
+      first_unknown: the first three of those ids, as written.
+    """
+    texts: dict
+    duplicates: int
+    unknown: int
+    first_unknown: List[str]
+
+
+def read_keyed_texts(path: Path, errors: LineErrors, key_of: Callable[[dict], tuple],
+                     progress: bool = True) -> KeyedTexts:
+    """Texts keyed by the dataset's ids from JSON lines {<id field>: id, "text": string}.
+
+    `key_of(record)` -> (key, stranger, problem): a non-empty `problem` makes the line malformed
+    (reported through `errors` with that text); so does a "text" that is not a string;
+    otherwise a None key is an id that is no key of the dataset (`stranger`, the id as
+    written), counted. The first text of a key wins; later ones are counted.
+    """
+    texts: dict = {}
+    duplicates, unknown, first_unknown = 0, 0, []
     for number, line in iter_lines(path, errors, progress=progress):
         try:
             record = parse_record(line)
         except ValueError as e:
             errors.report(path, number, f'not a JSON object ({e})', line)
             continue
-        key = next((record[k] for k in ID_KEYS if k in record), None)
-        text = record.get('text')
-        if key is None or isinstance(key, (dict, list)) or not isinstance(text, str):
-            errors.report(path, number, 'expected {"item_id" (or "asin"): id, "text": '
-                                        'string}', line)
+        key, stranger, problem = key_of(record)
+        if problem:
+            errors.report(path, number, problem, line)
             continue
-        key = str(key)
+        text = record.get('text')
+        if not isinstance(text, str):
+            errors.report(path, number, f'field text is {text!r}; expected a string', line)
+            continue
+        if key is None:
+            unknown += 1
+            first_unknown = (first_unknown + [stranger])[:3]
+            continue
         if key in texts:
             duplicates += 1
             continue
         texts[key] = text
-    return texts, {'duplicate_descriptions_ignored': duplicates}
+    return KeyedTexts(texts, duplicates, unknown, first_unknown)
 
 
 # --------------------------------------------------------------------------- captioners
@@ -158,16 +200,23 @@ class CommandCaptioner:
 
     def __call__(self, image: str, item_id: str = '') -> str:
         argv = [a.replace('{image}', image).replace('{item_id}', item_id) for a in self.argv]
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
-        except FileNotFoundError as e:
-            raise RuntimeError(f'command {argv[0]!r} not found ({e})') from None
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f'no answer within {self.timeout:g} s') from None
-        if out.returncode != 0:
-            raise RuntimeError(f'exit status {out.returncode}; stderr: '
-                               f'{out.stderr.strip()[-300:]!r}')
-        return out.stdout.strip()
+        return run_command(argv, self.timeout)
+
+
+def run_command(argv: Sequence[str], timeout: float, stdin: Optional[str] = None) -> str:
+    """Runs `argv` (no shell), `stdin` as its standard input, and returns its standard output,
+    stripped. A command not found, no answer within `timeout` seconds or a non-zero exit
+    status (with the end of its stderr) is a RuntimeError saying which."""
+    try:
+        out = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as e:
+        raise RuntimeError(f'command {argv[0]!r} not found ({e})') from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f'no answer within {timeout:g} s') from None
+    if out.returncode != 0:
+        raise RuntimeError(f'exit status {out.returncode}; stderr: '
+                           f'{out.stderr.strip()[-300:]!r}')
+    return out.stdout.strip()
 
 
 def load_callable(spec: str, option: str = '--captioner') -> Callable:

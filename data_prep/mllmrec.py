@@ -62,7 +62,6 @@ Train:
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -71,7 +70,8 @@ import numpy as np
 
 from data_prep import encoders, features, writer
 from data_prep.pipeline import main_guard
-from data_prep.readers import LineErrors, check_file, iter_lines, parse_record
+from data_prep.prepared import Dataset, RawIds, read_dataset, read_raw_ids
+from data_prep.readers import LineErrors, check_file
 from lirdrec_jax import mmrec_files, model_inputs
 from lirdrec_jax.data import DataError
 from lirdrec_jax.mmrec_files import warn
@@ -82,32 +82,6 @@ USER_MAP = 'u_id_mapping.csv'
 PROFILE_OPTIONS = ('profiles_file', 'profile_cmd', 'profile_callable')
 # Between an item's description and its text in the encoder's input.
 JOIN = ' '
-
-
-class Dataset(NamedTuple):
-    """What this command needs of the dataset folder.
-
-    Attributes:
-      folder: `<data_dir>/<dataset>`.
-      name: the dataset name.
-      n_users, n_items: the counts training uses (max id + 1 over all rows).
-      train_users, train_items: (n,) int32 ids of the x_label 0 rows, in file order.
-    """
-    folder: Path
-    name: str
-    n_users: int
-    n_items: int
-    train_users: np.ndarray
-    train_items: np.ndarray
-
-
-def read_dataset(data_dir: str, name: str) -> Dataset:
-    """Reads and checks the `.inter` file (the same parsing training runs)."""
-    folder = Path(data_dir) / name
-    inter = mmrec_files.check_layout(folder, name)
-    splits = mmrec_files.split_interactions(mmrec_files.read_inter(inter), inter)
-    return Dataset(folder, name, splits.n_users, splits.n_items, splits.arrays['train_users'],
-                   splits.arrays['train_items'])
 
 
 def train_items_of_users(dataset: Dataset) -> List[List[int]]:
@@ -200,35 +174,13 @@ class ProfileCommand:
         self.timeout = timeout
 
     def __call__(self, record: dict) -> str:
-        try:
-            out = subprocess.run(self.argv, input=json.dumps(record, ensure_ascii=False),
-                                 capture_output=True, text=True, timeout=self.timeout)
-        except FileNotFoundError as e:
-            raise RuntimeError(f'command {self.argv[0]!r} not found ({e})') from None
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f'no answer within {self.timeout:g} s') from None
-        if out.returncode != 0:
-            raise RuntimeError(f'exit status {out.returncode}; stderr: '
-                               f'{out.stderr.strip()[-300:]!r}')
-        return out.stdout.strip()
+        return features.run_command(self.argv, self.timeout,
+                                    stdin=json.dumps(record, ensure_ascii=False))
 
 
-class UserIds(NamedTuple):
-    """The raw id of each user (from u_id_mapping.csv, or the mapped id as a string when the
-    folder has none) and the reverse lookup."""
-    raw: List[str]
-    index: Dict[str, int]
-    from_map: bool
-
-
-def read_user_ids(path: Path, n_users: int) -> UserIds:
-    """The raw user ids of `path` (a u_id_mapping.csv), or the mapped ids when it is absent."""
-    if path.is_file():
-        raw = features.read_id_map(path, n_users, 'userID')
-        from_map = True
-    else:
-        raw, from_map = [str(u) for u in range(n_users)], False
-    return UserIds(raw, {k: u for u, k in enumerate(raw)}, from_map)
+# The raw id of each user (u_id_mapping.csv, or the mapped id as a string when the folder has
+# none).
+UserIds = RawIds
 
 
 def _user_of(record: dict, ids: UserIds, n_users: int) -> Tuple[Optional[int], str]:
@@ -258,27 +210,11 @@ def read_profiles(path: Path, ids: UserIds, n_users: int, errors: LineErrors,
                   progress: bool = True) -> Tuple[Dict[int, str], Dict[str, int]]:
     """mapped user id -> profile text, from JSON lines (see the module docstring). The first
     profile of a user wins; later ones are counted."""
-    texts: Dict[int, str] = {}
-    duplicates = 0
-    for number, line in iter_lines(path, errors, progress=progress):
-        try:
-            record = parse_record(line)
-        except ValueError as e:
-            errors.report(path, number, f'not a JSON object ({e})', line)
-            continue
+    def user_of(record):  # every line naming no user of the dataset is malformed here
         user, problem = _user_of(record, ids, n_users)
-        if user is None:
-            errors.report(path, number, problem, line)
-            continue
-        text = record.get('text')
-        if not isinstance(text, str):
-            errors.report(path, number, f'field text is {text!r}; expected a string', line)
-            continue
-        if user in texts:
-            duplicates += 1
-            continue
-        texts[user] = text
-    return texts, {'duplicate_profiles_ignored': duplicates}
+        return user, None, problem
+    read = features.read_keyed_texts(path, errors, user_of, progress)
+    return read.texts, {'duplicate_profiles_ignored': read.duplicates}
 
 
 def user_record(u: int, items: Sequence[int], ids: UserIds, item_keys: Optional[Sequence[str]],
@@ -542,7 +478,7 @@ def make_users(run: Run, items: Optional[np.ndarray], generator, counts: Dict[st
         users, _ = model_inputs.mean_user_rows(items, dataset.train_users, dataset.train_items,
                                                dataset.n_users)
     else:
-        ids = read_user_ids(folder / USER_MAP, dataset.n_users)
+        ids = read_raw_ids(folder / USER_MAP, dataset.n_users, 'userID')
         if run.plan.profile_source == 'profiles_file':
             texts, more = read_profiles(check_file(args.profiles_file, 'JSON lines of user '
                                                    'profiles'), ids, dataset.n_users,

@@ -45,14 +45,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from data_prep import features, writer
 from data_prep.pipeline import main_guard
-from data_prep.readers import LineErrors, check_file, iter_lines, parse_record
-from lirdrec_jax import mmrec_files, word_view
+from data_prep.prepared import RawIds, read_dataset, read_raw_ids
+from data_prep.readers import LineErrors, check_file
+from lirdrec_jax import word_view
 from lirdrec_jax.data import DataError
 from lirdrec_jax.mmrec_files import warn
 
@@ -61,46 +62,8 @@ ITEM_TEXT_FORMAT = ('JSON lines {"item_id": raw id of i_id_mapping.csv, "text": 
                     '{"itemID": mapped id, "text": ...}')
 
 
-class Dataset(NamedTuple):
-    """What this command needs of the dataset folder.
-
-    Attributes:
-      folder: `<data_dir>/<dataset>`.
-      n_users, n_items: the counts training uses (max id + 1 over all rows).
-      train_users, train_items: (n,) int32 ids of the x_label 0 rows, in file order.
-    """
-    folder: Path
-    n_users: int
-    n_items: int
-    train_users: np.ndarray
-    train_items: np.ndarray
-
-
-def read_dataset(data_dir: str, name: str) -> Dataset:
-    """Reads and checks the `.inter` file (the same parsing training runs)."""
-    folder = Path(data_dir) / name
-    inter = mmrec_files.check_layout(folder, name)
-    splits = mmrec_files.split_interactions(mmrec_files.read_inter(inter), inter)
-    return Dataset(folder, splits.n_users, splits.n_items, splits.arrays['train_users'],
-                   splits.arrays['train_items'])
-
-
-class ItemIds(NamedTuple):
-    """The raw id of each item (i_id_mapping.csv, or the mapped id as a string without one)
-    and the reverse lookup."""
-    raw: List[str]
-    index: Dict[str, int]
-    from_map: bool
-
-
-def read_item_ids(path: Path, n_items: int, required: bool) -> ItemIds:
-    """The raw item ids of `path` (an i_id_mapping.csv), or the mapped ids when it is absent and
-    not `required` (given explicitly)."""
-    if path.is_file() or required:
-        raw, from_map = features.read_item_map(path, n_items), True
-    else:
-        raw, from_map = [str(i) for i in range(n_items)], False
-    return ItemIds(raw, {k: i for i, k in enumerate(raw)}, from_map)
+# The raw id of each item (i_id_mapping.csv, or the mapped id as a string without one).
+ItemIds = RawIds
 
 
 def _item_of(record: dict, ids: ItemIds) -> Tuple[Optional[int], Optional[str], str]:
@@ -129,37 +92,15 @@ def read_item_texts(path: Path, ids: ItemIds, errors: LineErrors, progress: bool
     """mapped item id -> item text from JSON lines (`ITEM_TEXT_FORMAT`). The first text of an
     item wins (later ones are counted); lines of raw ids that are no item of the dataset are
     counted (an error when no line names one)."""
-    texts: Dict[int, str] = {}
-    duplicates, unknown, first_unknown = 0, 0, []
-    for number, line in iter_lines(path, errors, progress=progress):
-        try:
-            record = parse_record(line)
-        except ValueError as e:
-            errors.report(path, number, f'not a JSON object ({e})', line)
-            continue
-        item, stranger, problem = _item_of(record, ids)
-        if problem:
-            errors.report(path, number, problem, line)
-            continue
-        text = record.get('text')
-        if not isinstance(text, str):
-            errors.report(path, number, f'field text is {text!r}; expected a string', line)
-            continue
-        if item is None:
-            unknown += 1
-            first_unknown = (first_unknown + [stranger])[:3]
-            continue
-        if item in texts:
-            duplicates += 1
-            continue
-        texts[item] = text
+    read = features.read_keyed_texts(path, errors, lambda record: _item_of(record, ids), progress)
+    texts, unknown, first_unknown = read.texts, read.unknown, read.first_unknown
     if unknown and not texts:
         where = (f'a raw item id of {features.ITEM_MAP}' if ids.from_map else
                  f'a mapped item id 0..{len(ids.raw) - 1} (the folder has no {features.ITEM_MAP})')
         raise DataError(f'{path}: none of its {unknown} item ids is {where} (first ids in the '
                         f'file: {first_unknown}; in the dataset: {ids.raw[:3]}); expected the '
                         f'item texts of this dataset')
-    return texts, {'item_text_duplicates_ignored': duplicates,
+    return texts, {'item_text_duplicates_ignored': read.duplicates,
                    'item_texts_for_unknown_items': unknown}
 
 
@@ -298,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f'data_prep.movielens write {ITEM_TEXT} into the dataset folder; for other datasets '
         f'write one from the item metadata and pass --item_text FILE.jsonl')
     map_path = Path(args.item_map) if args.item_map else folder / features.ITEM_MAP
-    ids = read_item_ids(map_path, dataset.n_items, required=bool(args.item_map))
+    ids = read_raw_ids(map_path, dataset.n_items, 'itemID', required=bool(args.item_map))
     errors = LineErrors(skip=args.skip_malformed)
     texts, counts = read_item_texts(text_path, ids, errors, progress)
     inputs = [text_path]

@@ -370,6 +370,26 @@ def validate_features(feat: np.ndarray, path: PathLike, n_items: int,
     return feat
 
 
+def load_npy(path: Path, where: str, readable_as: str = 'a .npy array') -> np.ndarray:
+    """The array saved in `path` (no pickles); DataError naming `where` when the file cannot be
+    read (expected `readable_as`) or is not a .npy array."""
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f'{where}: cannot be read ({e}); expected {readable_as}') from e
+    if magic != b'\x93NUMPY':
+        # Checked here because np.load would report any non-.npy file as "pickled data".
+        raise DataError(f'{where}: cannot be loaded as a .npy array (the file does not start '
+                        f'with the .npy magic bytes \\x93NUMPY, it starts with {magic!r}); '
+                        f'expected a float array saved with numpy.save')
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # any failure means the file is not a usable .npy array
+        raise DataError(f'{where}: cannot be loaded as a .npy array ({type(e).__name__}: {e}); '
+                        f'expected a float array saved with numpy.save') from e
+
+
 def load_features(path: PathLike, n_items: int, largest_item: str = '') -> np.ndarray:
     """Loads and validates one `.npy` feature file; returns (n_items, d) float32.
 
@@ -378,21 +398,7 @@ def load_features(path: PathLike, n_items: int, largest_item: str = '') -> np.nd
     `largest_item`: see `validate_features`.
     """
     path = Path(path)
-    try:
-        with open(path, 'rb') as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise DataError(f'{path}: cannot be read ({e}); expected a .npy feature file') from e
-    if magic != b'\x93NUMPY':
-        # Checked here because np.load would report any non-.npy file as "pickled data".
-        raise DataError(f'{path}: cannot be loaded as a .npy array (the file does not start with '
-                        f'the .npy magic bytes \\x93NUMPY, it starts with {magic!r}); expected a '
-                        f'float array saved with numpy.save')
-    try:
-        feat = np.load(path, allow_pickle=False)
-    except Exception as e:  # any failure means the file is not a usable .npy array
-        raise DataError(f'{path}: cannot be loaded as a .npy array ({type(e).__name__}: {e}); '
-                        f'expected a float array saved with numpy.save') from e
+    feat = load_npy(path, str(path), 'a .npy feature file')
     converted = validate_features(feat, path, n_items, largest_item)
     if np.issubdtype(feat.dtype, np.integer):
         warn(f'{path}: dtype {feat.dtype} converted to float32 (expected a float array; the '

@@ -37,7 +37,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import scipy.sparse as sp
 
-from lirdrec_jax.mmrec_files import DataError, warn
+from lirdrec_jax.mmrec_files import DataError, load_npy, warn
 
 PathLike = Union[str, os.PathLike]
 
@@ -159,25 +159,6 @@ def save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
 def _fill(build: str, data_dir: PathLike, dataset: str) -> str:
     """The build command with '{data_dir}' and '{dataset}' filled in (other braces kept)."""
     return build.replace('{data_dir}', str(data_dir)).replace('{dataset}', str(dataset))
-
-
-def _load_npy(path: Path, where: str) -> np.ndarray:
-    """The array saved in `path` (no pickles); DataError when the file is not a .npy array."""
-    try:
-        with open(path, 'rb') as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise DataError(f'{where}: cannot be read ({e}); expected a .npy array') from e
-    if magic != b'\x93NUMPY':
-        # Checked here because np.load would report any non-.npy file as "pickled data".
-        raise DataError(f'{where}: cannot be loaded as a .npy array (the file does not start '
-                        f'with the .npy magic bytes \\x93NUMPY, it starts with {magic!r}); '
-                        f'expected a float array saved with numpy.save')
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:  # any failure means the file is not a usable .npy array
-        raise DataError(f'{where}: cannot be loaded as a .npy array ({type(e).__name__}: {e}); '
-                        f'expected a float array saved with numpy.save') from e
 
 
 def _check_shape(shape: Tuple[int, int], where: str, rows: str, n_rows: int,
@@ -340,7 +321,7 @@ def read_input_file(input_file, data_cfg, dataset_dir: PathLike, n_users: int, n
     n_rows = n_users if rows == 'users' else n_items
     if kind == 'sparse':
         return validate_sparse_rows(_load_npz(path, where), where, rows, n_rows, build)
-    array = _load_npy(path, where)
+    array = load_npy(path, where)
     return validate_input_rows(array, where, rows, n_rows, build)
 
 

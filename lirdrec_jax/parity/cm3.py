@@ -28,16 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from lirdrec_jax import evaluation, graph, optim, parallel, sampling, train
+from lirdrec_jax import graph, optim, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import cm3
 from lirdrec_jax.models.layers import l2_normalize
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, compare_sparse,
-                                       grads_by_reference_key, knn_tie_rows, numpy_of,
-                                       parameter_floor_checks, reference_grads_in_float64,
-                                       same_embedding_checks, torch_batch,
+from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, adam_step_checks,
+                                       built_reference, compare_sparse, export_check,
+                                       grads_by_reference_key, kink_tolerant_gradient_checks,
+                                       knn_tie_rows, metric_floor_checks, numpy_of,
+                                       parameter_floor_checks, same_embedding_checks, torch_batch,
                                        torch_sparse_to_scipy)
 
 MODEL = cm3.MODEL
@@ -283,13 +284,9 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
                *, epochs: int = 3, seed: int = 0,
                log: Callable[[str], None] = print) -> List[C.Check]:
     """All parity checks for one grid point; returns the checks (see `checks.report`)."""
-    import torch
     m = point_cfg.model
     results: List[C.Check] = []
-    log('building the reference model ...')
-    ref_model, ref_cfg, staging = reference.build_reference_model(
-        None, point_cfg, dataset, dataset_dir, seed=seed, model_class=side.model_class)
-    try:
+    with built_reference(side, point_cfg, dataset, dataset_dir, seed, log) as (ref_model, ref_cfg):
         prepared = train.prepare_data(dataset, MODEL.name)
         ours = prepared.model
 
@@ -322,14 +319,7 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
                                       template, _features(dataset))
         params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)
         exported = params_to_state_dict(params, _features(dataset))
-        probe = copy.deepcopy(ref_model)
-        probe.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=True)
-        results.append(C.exact('export: state_dict loaded by the reference (strict)',
-                               np.concatenate([numpy_of(v).ravel()
-                                               for v in probe.state_dict().values()]),
-                               np.concatenate([numpy_of(v).ravel()
-                                               for v in ref_model.state_dict().values()])))
-        del probe
+        results.append(export_check(ref_model, exported))
 
         # The train step donates its input state: each phase gets its own copy of the weights.
         fresh = lambda: jax.tree.map(jnp.array, params)
@@ -338,8 +328,6 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
         if epochs > 0:
             results += _training_checks(side, ref_model, ref_cfg, net, fresh(), prepared,
                                         frozen, point_cfg, epochs, seed, log)
-    finally:
-        staging.cleanup()
     return results
 
 
@@ -424,29 +412,12 @@ def _single_step_checks(side, ref_model, ref_cfg, net, params, prepared, frozen,
                          np.concatenate([carry.user_emb, carry.item_emb]), ref_embed,
                          atol=TOL_EMB, scale_atol_by_ref_max=True))
     our_grads = params_to_state_dict(grads, _features(prepared.dataset))
-    ref_grads64 = None
-    for key in PARAM_TABLE:
-        if key not in ref_grads:
-            out.append(C.Check(f'gradient {key}', float('nan'), float('nan'),
-                               'a gradient on both sides', False,
-                               'the reference computes no gradient for it'))
-            continue
-        check = C.compare(f'gradient {key}', our_grads[key], ref_grads[key], atol=TOL_GRAD,
-                          scale_atol_by_ref_max=True)
-        if not check.passed:
-            # A float32 pre-activation within rounding of leaky_relu's kink can take the other
-            # side on one implementation only; the reference's own math in float64 (with the
-            # same lambdas) decides.
-            if ref_grads64 is None:
-                def loss_of(model):
-                    with replay_beta_draws(draws):
-                        return model.calculate_loss(ref_batch)
-                ref_grads64 = reference_grads_in_float64(ref_model, loss_of)
-            check = C.compare(f'gradient {key}', our_grads[key], ref_grads64[key],
-                              atol=TOL_GRAD, scale_atol_by_ref_max=True,
-                              note='against the reference run in float64: its float32 '
-                                   f'gradient differs by {check.max_abs:.2g} (a float32 kink)')
-        out.append(check)
+
+    def loss_of(model):  # the float64 rerun replays this batch's lambdas
+        with replay_beta_draws(draws):
+            return model.calculate_loss(ref_batch)
+    out += kink_tolerant_gradient_checks(PARAM_TABLE, our_grads, ref_grads, TOL_GRAD, ref_model,
+                                         loss_of)
     # The reference's trainable feature copies are never read: no gradient, never moved (CR4).
     frozen_copies = [k for k in FEATURE_KEYS if k in ref_grads]
     out.append(C.Check('no gradient for image_embedding / text_embedding (never read)',
@@ -456,20 +427,8 @@ def _single_step_checks(side, ref_model, ref_cfg, net, params, prepared, frozen,
     # One Adam step from the same parameters, each side with the gradients compared above.
     trainer.optimizer.step()
     ours_after = params_to_state_dict(after, _features(prepared.dataset))
-    lr = float(o.learning_rate)
-    ref_params = dict(ref_model.named_parameters())
-    for key in PARAM_TABLE:
-        if key not in ref_grads:
-            continue
-        # Adam's first step moves each element by lr * g / (|g| + eps). Each side uses its own
-        # gradient (compared above), so the allowed difference is the one the two gradients
-        # imply, plus float32 rounding of the parameter and 1e-3 lr.
-        u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
-        u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
-        p_ref = numpy_of(ref_params[key])
-        bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
-        out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
-                                  f'|d| <= {TOL_STEP:g} lr + implied'))
+    out += adam_step_checks(PARAM_TABLE, our_grads, ref_grads, ours_after,
+                            dict(ref_model.named_parameters()), float(o.learning_rate), TOL_STEP)
 
     # Top-k lists and metrics from identical embeddings: the reference's evaluator scores with
     # its result_embed (the batch's forward, before the step); ours ranks those same arrays.
@@ -501,7 +460,6 @@ def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen, po
     twins = ReferenceTwins(side, ref_model, ref_cfg)
     weight_decay = float(o.weight_decay)
     state = _initial_state(net, params, frozen, weight_decay)
-    metrics, ks = tuple(e.metrics), tuple(e.topk)
     for epoch in range(epochs):
         log(f'training epoch {epoch} on both sides and the perturbed reference ...')
         twins.start_epoch()
@@ -527,12 +485,8 @@ def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen, po
         minimum = max(TOL_LOSS * abs(ref_loss), TOL_LOSS_ABS * n_batches)
         out.append(C.floor_check(f'epoch {epoch}: summed training loss', loss, ref_loss,
                                  perturbed_loss, minimum=minimum))
-        for name, split in (('valid', prepared.valid), ('test', prepared.test)):
-            ref_metrics, perturbed_metrics = twins.evaluate(split, int(e.batch_size))
-            ours = evaluation.evaluate_full_sort(state.carry.user_emb, state.carry.item_emb,
-                                                 split, metrics=metrics, ks=ks)
-            out.append(C.floor_metrics_check(f'epoch {epoch}: {name} metrics', ours, ref_metrics,
-                                             perturbed_metrics, minimum=TOL_METRIC_SAME_EMB))
+        out += metric_floor_checks(f'epoch {epoch}: ', twins, state.carry.user_emb,
+                                   state.carry.item_emb, prepared, e, TOL_METRIC_SAME_EMB)
     ours_by_key = params_to_state_dict(state.params, _features(prepared.dataset))
     out += parameter_floor_checks(f'parameters after {epochs} epochs', ours_by_key, twins,
                                   PARAM_TABLE, float(o.learning_rate))

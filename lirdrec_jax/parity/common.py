@@ -2,12 +2,16 @@
 torch <-> numpy helpers, the reference side's interface, and the perturbed reference that
 measures the noise floor of the training trajectories. Model-specific check sequences live in
 `lirdrec_jax/parity/<model>.py`."""
+import contextlib
+import copy
 from typing import Callable, List, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from lirdrec_jax import evaluation, sampling
+from lirdrec_jax import evaluation, optim, parallel, sampling, train
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import reference
 
@@ -302,4 +306,162 @@ def same_embedding_checks(trainer, users: np.ndarray, items: np.ndarray, prepare
                               capture.lists, users[split.users], items))
         out.append(C.metrics_check(f'{name} metrics, same embeddings', ours_metrics,
                                    {k.lower(): v for k, v in ref_metrics.items()}, atol=atol))
+    return out
+
+
+def missing_gradient_check(key: str) -> C.Check:
+    """The failing check of a parameter of ours for which the reference computes no gradient."""
+    return C.Check(f'gradient {key}', float('nan'), float('nan'), 'a gradient on both sides',
+                   False, 'the reference computes no gradient for it')
+
+
+def gradient_checks(keys, our_grads: dict, ref_grads: dict, tol_grad: float, bias_keys=(),
+                    bias_scale: float = 0.0, bias_scale_text: str = '') -> List[C.Check]:
+    """One check per parameter in `keys` (every one must have a reference gradient): within
+    `tol_grad` times max|ref gradient|.
+
+    `bias_keys` are biases that cancel in every pairwise margin (the same term is added to the
+    positive and the negative score): their exact gradient is 0 and both sides hold rounding
+    noise, so a bound relative to their own (noise) scale means nothing. They are bounded by
+    `tol_grad * bias_scale` instead, `bias_scale` being the scale of the terms that cancel,
+    which `bias_scale_text` names in the check's note.
+    """
+    out = []
+    for key in keys:
+        if key not in ref_grads:
+            out.append(missing_gradient_check(key))
+        elif key in bias_keys:
+            out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key],
+                                 atol=tol_grad * bias_scale,
+                                 note=f'exactly 0 up to rounding; bound {tol_grad:g} * '
+                                      f'{bias_scale_text} = {tol_grad * bias_scale:.3g}'))
+        else:
+            out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key],
+                                 atol=tol_grad, scale_atol_by_ref_max=True))
+    return out
+
+
+def our_adam_step(params, grads, weight_decay: float, learning_rate: float):
+    """`params` after our first Adam step (fresh optimizer state) with `grads`."""
+    optimizer = optim.create_optimizer(float(weight_decay))
+    after, _ = train.apply_gradients(optimizer, params, optimizer.init(params), grads,
+                                     jnp.float32(learning_rate))
+    return after
+
+
+def adam_step_checks(keys, our_grads: dict, ref_grads: dict, ours_after: dict, ref_params: dict,
+                     lr: float, tol_step: float) -> List[C.Check]:
+    """One check per parameter in `keys` after one Adam step from the same parameters, each
+    side with its own gradient; keys without a reference gradient are skipped (the gradient
+    checks report them).
+
+    Adam's first step moves each element by lr * g / (|g| + eps). Each side uses its own
+    gradient (compared before the step), so the allowed difference is what the two gradients
+    imply, lr * |g_ours / (|g_ours| + eps) - g_ref / (|g_ref| + eps)|, plus float32 rounding of
+    the parameter (2^-22 |p|) and `tol_step` * lr. For a parameter whose gradients are rounding
+    noise on both sides, the implied term is the whole allowance.
+
+    Args:
+      keys: reference parameter names, in check order.
+      our_grads, ref_grads, ours_after: numpy arrays by reference key.
+      ref_params: the reference's parameters (torch tensors) by key, after its step.
+    """
+    out = []
+    for key in keys:
+        if key not in ref_grads:
+            continue
+        u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
+        u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
+        p_ref = numpy_of(ref_params[key])
+        bound = tol_step * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
+        out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
+                                  f'|d| <= {tol_step:g} lr + implied'))
+    return out
+
+
+def export_check(ref_model, exported: dict) -> C.Check:
+    """Our parameters in the reference's state_dict form (`exported`: numpy arrays by key) load
+    into a copy of the reference model with strict=True (no key missing or extra, every shape
+    right), and the loaded copy's state equals the reference model's, entry by entry."""
+    import torch
+    probe = copy.deepcopy(ref_model)
+    probe.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=True)
+    return C.exact('export: state_dict loaded by the reference (strict)',
+                   np.concatenate([numpy_of(v).ravel() for v in probe.state_dict().values()]),
+                   np.concatenate([numpy_of(v).ravel()
+                                   for v in ref_model.state_dict().values()]))
+
+
+def imported_trainer(model, point_cfg, prepared, net, params, frozen_host, seed: int) -> tuple:
+    """Our trainer's own set-up of one point (its speed options: sparse products, scanned
+    epochs, GEMM kernels) on one device, with `params` (imported from the reference) and
+    `frozen_host` (built from the reference's inputs) in place of its own, the epoch key
+    PRNGKey(`seed`). Returns (setup, epoch functions, partitioner); `setup.state` is the initial
+    training state (fresh optimizer state, the trainer's initial carry)."""
+    partitioner = parallel.Partitioner(num_devices=1)
+    setup = train.setup_point(point_cfg, prepared, partitioner)
+    frozen = model.place_frozen(frozen_host, partitioner, setup.options)
+    state = train.TrainState(params, setup.optimizer.init(params), setup.state.carry)
+    key = jax.random.PRNGKey(seed)
+    setup = setup._replace(net=net, frozen_host=frozen_host, frozen=frozen, state=state, key=key,
+                           epoch_key=key)
+    return setup, train.make_epoch_fns(setup, partitioner, 'last_batch'), partitioner
+
+
+@contextlib.contextmanager
+def built_reference(side: ReferenceSide, point_cfg, dataset, dataset_dir, seed: int,
+                    log: Callable[[str], None]):
+    """The reference model (`side.model_class`) built on our data with `seed`, as
+    (model, config); its staging folder (the dataset's files linked where the reference reads
+    them) is removed on leaving, also when a check raises."""
+    log('building the reference model ...')
+    ref_model, ref_cfg, staging = reference.build_reference_model(
+        None, point_cfg, dataset, dataset_dir, seed=seed, model_class=side.model_class)
+    try:
+        yield ref_model, ref_cfg
+    finally:
+        staging.cleanup()
+
+
+def metric_floor_checks(prefix: str, twins: 'ReferenceTwins', users, items, prepared, eval_cfg,
+                        minimum: float) -> List[C.Check]:
+    """'<prefix>valid metrics' and '<prefix>test metrics': our full-sort metrics from the
+    (n_users, d) `users` and (n_items, d) `items` embeddings against the reference's evaluator,
+    the perturbed reference's distance from it the floor (`checks.floor_metrics_check`)."""
+    metrics, ks = tuple(eval_cfg.metrics), tuple(eval_cfg.topk)
+    out = []
+    for name, split in (('valid', prepared.valid), ('test', prepared.test)):
+        ref_metrics, perturbed_metrics = twins.evaluate(split, int(eval_cfg.batch_size))
+        ours = evaluation.evaluate_full_sort(users, items, split, metrics=metrics, ks=ks)
+        out.append(C.floor_metrics_check(f'{prefix}{name} metrics', ours, ref_metrics,
+                                         perturbed_metrics, minimum=minimum))
+    return out
+
+
+def kink_tolerant_gradient_checks(keys, our_grads: dict, ref_grads: dict, tol_grad: float,
+                                  ref_model, loss_of: Callable) -> List[C.Check]:
+    """One check per parameter in `keys` (every one must have a reference gradient): within
+    `tol_grad` times max|ref gradient|.
+
+    A float32 pre-activation within rounding of leaky_relu's kink can take the other side on
+    one implementation only, which changes a whole gradient row. A parameter that fails is
+    therefore compared again against the reference's own math in float64
+    (`reference_grads_in_float64(ref_model, loss_of)`, computed once, at the first failure),
+    which decides; the check's note then gives the float32 difference.
+    """
+    out, ref_grads64 = [], None
+    for key in keys:
+        if key not in ref_grads:
+            out.append(missing_gradient_check(key))
+            continue
+        check = C.compare(f'gradient {key}', our_grads[key], ref_grads[key], atol=tol_grad,
+                          scale_atol_by_ref_max=True)
+        if not check.passed:
+            if ref_grads64 is None:
+                ref_grads64 = reference_grads_in_float64(ref_model, loss_of)
+            check = C.compare(f'gradient {key}', our_grads[key], ref_grads64[key],
+                              atol=tol_grad, scale_atol_by_ref_max=True,
+                              note='against the reference run in float64: its float32 '
+                                   f'gradient differs by {check.max_abs:.2g} (a float32 kink)')
+        out.append(check)
     return out

@@ -36,12 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from lirdrec_jax import evaluation, optim, parallel, sampling, train
+from lirdrec_jax import evaluation, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import dgvae
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import reference
-from lirdrec_jax.parity.common import (KINK_STEPS, compare_sparse, knn_tie_rows, numpy_of,
+from lirdrec_jax.parity.common import (KINK_STEPS, adam_step_checks, compare_sparse,
+                                       imported_trainer, knn_tie_rows, numpy_of, our_adam_step,
                                        perturbed_copy)
 
 MODEL = dgvae.MODEL
@@ -458,21 +459,11 @@ def _single_step_checks(ref_model, noise_import, net, params, frozen, prepared, 
         out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key], atol=TOL_GRAD,
                              scale_atol_by_ref_max=True))
     optimizer.step()
-    ours_opt = optim.create_optimizer(float(point_cfg.optim.weight_decay))
     lr = float(point_cfg.optim.learning_rate)
-    after, _ = train.apply_gradients(ours_opt, params, ours_opt.init(params), grads,
-                                     jnp.float32(lr))
-    after = export_params(after)
-    for key, p in ref_model.named_parameters():
-        # Adam's first step moves each element by lr * g / (|g| + eps): each side uses its own
-        # gradient, so the allowance adds the difference the two gradients imply.
-        u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
-        u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
-        ref_p = numpy_of(p)
-        bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(ref_p)
-        out.append(C.within_bound(f'after one Adam step {key}', after[key], ref_p, bound,
-                                  f'|d| <= {TOL_STEP:g} lr + implied'))
-    return out
+    after = export_params(our_adam_step(params, grads, point_cfg.optim.weight_decay, lr))
+    ref_params = dict(ref_model.named_parameters())
+    return out + adam_step_checks(ref_params, our_grads, ref_grads, after, ref_params, lr,
+                                  TOL_STEP)
 
 
 def _score_checks(prefix: str, ref_model, net, params, frozen, prepared, ours, point_cfg
@@ -503,15 +494,9 @@ def _training_checks(side, twins, net, params, frozen_host, prepared, ours, poin
     import torch
     t, lr = point_cfg.train, float(point_cfg.optim.learning_rate)
     out: List[C.Check] = []
-    partitioner = parallel.Partitioner(num_devices=1)
-    setup = train.setup_point(point_cfg, prepared, partitioner)
-    options = setup.options
-    frozen = MODEL.place_frozen(frozen_host, partitioner, options)
-    state = train.TrainState(params, setup.optimizer.init(params), setup.state.carry)
-    key = jax.random.PRNGKey(seed)
-    setup = setup._replace(net=net, frozen_host=frozen_host, frozen=frozen, state=state, key=key,
-                           epoch_key=key)
-    fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
+    setup, fns, partitioner = imported_trainer(MODEL, point_cfg, prepared, net, params,
+                                               frozen_host, seed)
+    options, frozen, state, key = setup.options, setup.frozen, setup.state, setup.key
     imports = [ImportedNoise(side, model) for model in twins]
     optimizers = [torch.optim.Adam(model.parameters(), lr=lr) for model in twins]
     for model in twins:

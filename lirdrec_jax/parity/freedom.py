@@ -21,14 +21,16 @@ import numpy as np
 import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 
-from lirdrec_jax import evaluation, graph, optim, parallel, sampling, train
+from lirdrec_jax import graph, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import freedom
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, compare_sparse,
-                                       knn_tie_rows, numpy_of, parameter_floor_checks,
-                                       same_embedding_checks, torch_batch,
+from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, adam_step_checks,
+                                       built_reference, compare_sparse, export_check,
+                                       gradient_checks, imported_trainer, knn_tie_rows,
+                                       metric_floor_checks, numpy_of, our_adam_step,
+                                       parameter_floor_checks, same_embedding_checks, torch_batch,
                                        torch_sparse_to_scipy)
 
 MODEL = freedom.MODEL
@@ -224,13 +226,9 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
                *, epochs: int = 3, seed: int = 0,
                log: Callable[[str], None] = print) -> List[C.Check]:
     """All parity checks for one grid point; returns the checks (see `checks.report`)."""
-    import torch
     m = point_cfg.model
     results: List[C.Check] = []
-    log('building the reference model ...')
-    ref_model, ref_cfg, staging = reference.build_reference_model(
-        None, point_cfg, dataset, dataset_dir, seed=seed, model_class=side.model_class)
-    try:
+    with built_reference(side, point_cfg, dataset, dataset_dir, seed, log) as (ref_model, ref_cfg):
         prepared = train.prepare_data(dataset, MODEL.name)
         ours = prepared.model
         table = param_table(modalities_of(dataset))
@@ -264,14 +262,7 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
                                    params[f'{mod}_embedding'], getattr(ours, mod)))
         params = jax.tree.map(jnp.asarray, params)
         exported = export_params(params, table)
-        probe = copy.deepcopy(ref_model)
-        probe.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=True)
-        results.append(C.exact('export: state_dict loaded by the reference (strict)',
-                               np.concatenate([numpy_of(v).ravel()
-                                               for v in probe.state_dict().values()]),
-                               np.concatenate([numpy_of(v).ravel()
-                                               for v in ref_model.state_dict().values()])))
-        del probe
+        results.append(export_check(ref_model, exported))
 
         frozen = MODEL.place_frozen(frozen_host, parallel.Partitioner(num_devices=1),
                                     train.RunOptions())
@@ -282,8 +273,6 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
         if epochs > 0:
             results += _training_checks(side, ref_model, ref_cfg, net, fresh(), prepared,
                                         frozen_host, table, point_cfg, epochs, seed, log)
-    finally:
-        staging.cleanup()
     return results
 
 
@@ -367,26 +356,11 @@ def _single_step_checks(side, ref_model, ref_cfg, net, params, prepared, frozen,
 
     # One Adam step from the same parameters, each side with the gradients compared above.
     trainer.optimizer.step()
-    optimizer = optim.create_optimizer(float(o.weight_decay))
-    after, _ = train.apply_gradients(optimizer, params, optimizer.init(params), grads,
-                                     jnp.float32(o.learning_rate))
-    ours_after = _flat(after, table)
-    lr = float(o.learning_rate)
-    ref_params = dict(ref_model.named_parameters())
-    for key in table:
-        if key not in ref_grads:
-            continue  # reported by the gradient check
-        # Adam's first step moves each element by lr * g / (|g| + eps). Each side uses its own
-        # gradient (compared above), so the allowed difference is the difference that the two
-        # gradients imply, plus float32 rounding of the parameter and 1e-3 lr. For the
-        # projection biases, whose gradients are rounding noise, the implied term is the whole
-        # allowance (docs/parity.md).
-        u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
-        u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
-        p_ref = numpy_of(ref_params[key])
-        bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
-        out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
-                                  f'|d| <= {TOL_STEP:g} lr + implied'))
+    ours_after = _flat(our_adam_step(params, grads, o.weight_decay, o.learning_rate), table)
+    # The projection biases' gradients are rounding noise: the implied term is their whole
+    # allowance (docs/parity.md).
+    out += adam_step_checks(table, our_grads, ref_grads, ours_after,
+                            dict(ref_model.named_parameters()), float(o.learning_rate), TOL_STEP)
 
     # Top-k lists and metrics from identical embeddings: the reference's evaluator scores with
     # a fresh forward on the full graph (its full_sort_predict); ours ranks that same forward's
@@ -409,23 +383,8 @@ def _gradient_checks(our_grads: dict, ref_grads: dict, table, bias_scale: float
     terms that cancel: each is a batch mean of reg_weight * sigmoid(.) * u, at most
     reg_weight * max|u| over the batch's users.
     """
-    out = []
-    biases = set(_bias_keys(table))
-    for key in table:
-        if key not in ref_grads:
-            out.append(C.Check(f'gradient {key}', float('nan'), float('nan'),
-                               'a gradient on both sides', False,
-                               'the reference computes no gradient for it'))
-            continue
-        if key in biases:
-            out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key],
-                                 atol=TOL_GRAD * bias_scale,
-                                 note=f'exactly 0 up to rounding; bound {TOL_GRAD:g} * '
-                                      f'reg_weight * max|u_batch| = {TOL_GRAD * bias_scale:.3g}'))
-        else:
-            out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key],
-                                 atol=TOL_GRAD, scale_atol_by_ref_max=True))
-    return out
+    return gradient_checks(table, our_grads, ref_grads, TOL_GRAD, set(_bias_keys(table)),
+                           bias_scale, 'reg_weight * max|u_batch|')
 
 
 def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen_host, table,
@@ -436,19 +395,11 @@ def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen_hos
     m, t, e = point_cfg.model, point_cfg.train, point_cfg.eval
     out: List[C.Check] = []
     twins = ReferenceTwins(side, ref_model, ref_cfg)
-    partitioner = parallel.Partitioner(num_devices=1)
-    # The trainer's own set-up of the point (its speed options: sparse product, scanned epochs,
-    # GEMM kernels), with the imported weights and the reference's kNN graph.
-    setup = train.setup_point(point_cfg, prepared, partitioner)
-    options = setup.options
-    frozen = MODEL.place_frozen(frozen_host, partitioner, options)
-    state = train.TrainState(params, setup.optimizer.init(params), setup.state.carry)
-    key = jax.random.PRNGKey(seed)
-    setup = setup._replace(net=net, frozen_host=frozen_host, frozen=frozen, state=state, key=key,
-                           epoch_key=key)
-    fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
+    # The trainer's own set-up, with the imported weights and the reference's kNN graph.
+    setup, fns, partitioner = imported_trainer(MODEL, point_cfg, prepared, net, params,
+                                               frozen_host, seed)
+    options, frozen, state, key = setup.options, setup.frozen, setup.state, setup.key
     host = MODEL.host_init(m)
-    metrics, ks = tuple(e.metrics), tuple(e.topk)
     for epoch in range(epochs):
         log(f'training epoch {epoch} on both sides and the perturbed reference ...')
         same_graph = twins.start_epoch()
@@ -474,11 +425,8 @@ def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen_hos
         out.append(C.floor_check(f'epoch {epoch}: summed training loss', loss, ref_loss,
                                  perturbed_loss, minimum=TOL_LOSS * abs(ref_loss)))
         users, items = fns.eval_embeddings(state.params, state.carry, frozen, epoch_in, sc)
-        for name, split in (('valid', prepared.valid), ('test', prepared.test)):
-            ref_metrics, perturbed_metrics = twins.evaluate(split, int(e.batch_size))
-            ours = evaluation.evaluate_full_sort(users, items, split, metrics=metrics, ks=ks)
-            out.append(C.floor_metrics_check(f'epoch {epoch}: {name} metrics', ours, ref_metrics,
-                                             perturbed_metrics, minimum=TOL_METRIC_SAME_EMB))
+        out += metric_floor_checks(f'epoch {epoch}: ', twins, users, items, prepared, e,
+                                   TOL_METRIC_SAME_EMB)
     out += parameter_floor_checks(f'parameters after {epochs} epochs', _flat(state.params, table),
                                   twins, table, float(point_cfg.optim.learning_rate))
     return out

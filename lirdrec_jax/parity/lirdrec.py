@@ -12,16 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from lirdrec_jax import evaluation, graph, optim, parallel, sampling, train
+from lirdrec_jax import graph, optim, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import lirdrec
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, compare_sparse,
-                                       grads_by_reference_key, knn_tie_rows, numpy_of,
-                                       parameter_floor_checks, reference_grads_in_float64,
-                                       same_embedding_checks, torch_batch,
-                                       torch_sparse_to_scipy)
+from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, adam_step_checks,
+                                       compare_sparse, export_check, grads_by_reference_key,
+                                       kink_tolerant_gradient_checks, knn_tie_rows,
+                                       metric_floor_checks, numpy_of, parameter_floor_checks,
+                                       same_embedding_checks, torch_batch, torch_sparse_to_scipy)
 
 # Tolerances (docs/parity.md explains each).
 TOL_GRAPH = 1e-6          # absolute, on normalised graph entries (values <= 1)
@@ -142,7 +142,6 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
                *, epochs: int = 3, seed: int = 0,
                log: Callable[[str], None] = print) -> List[C.Check]:
     """All parity checks for one grid point; returns the checks (see `checks.report`)."""
-    import torch
     m, o = point_cfg.model, point_cfg.optim
     results: List[C.Check] = []
     log('building the reference model ...')
@@ -182,13 +181,7 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
     # Export: our params as a state_dict that the reference model loads with strict=True.
     exported = params_to_state_dict(jax.tree.map(np.asarray, params),
                                             {'image': dataset.image_feat, 'text': dataset.text_feat})
-    probe = copy.deepcopy(ref_model)
-    probe.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
-    results.append(C.exact('export: state_dict loaded by the reference (strict)',
-                           np.concatenate([numpy_of(v).ravel() for v in probe.state_dict().values()]),
-                           np.concatenate([numpy_of(v).ravel()
-                                           for v in ref_model.state_dict().values()])))
-    del probe
+    results.append(export_check(ref_model, exported))
 
     # The train step donates its input state: each phase gets its own copy of the weights.
     fresh = lambda: jax.tree.map(jnp.array, params)
@@ -247,40 +240,17 @@ def _single_step_checks(side, ref_model, ref_cfg, model, optimizer, params, prep
     out.append(C.compare('loss on one batch', float(loss), ref_loss.item(), atol=0,
                          rtol=TOL_LOSS))
     our_grads = _our_params_by_reference_key(grads, ds)
-    ref_grads64 = None
-    for key, g in ref_grads.items():
-        check = C.compare(f'gradient {key}', our_grads[key], g, atol=TOL_GRAD,
-                          scale_atol_by_ref_max=True)
-        if not check.passed:
-            # A float32 pre-activation within rounding of leaky_relu's kink can take the other
-            # side on one implementation only; the reference's own math in float64 decides.
-            if ref_grads64 is None:
-                ref_grads64 = reference_grads_in_float64(
-                    ref_model, lambda model: model.calculate_loss(ref_batch))
-            check = C.compare(f'gradient {key}', our_grads[key], ref_grads64[key],
-                              atol=TOL_GRAD, scale_atol_by_ref_max=True,
-                              note='against the reference run in float64: its float32 '
-                                   f'gradient differs by {check.max_abs:.2g} (a float32 kink)')
-        out.append(check)
+    out += kink_tolerant_gradient_checks(ref_grads, our_grads, ref_grads, TOL_GRAD, ref_model,
+                                         lambda model: model.calculate_loss(ref_batch))
 
     # One Adam step from the same parameters, each side with the gradients compared above.
     trainer.optimizer.step()
     after, _ = train.apply_gradients(optimizer, params, optimizer.init(params), grads,
                                      jnp.float32(o.learning_rate))
     ours_after = _our_params_by_reference_key(after, ds)
-    lr = float(o.learning_rate)
-    for key, p in ref_model.named_parameters():
-        if key not in ref_grads:
-            continue
-        # Adam's first step moves each element by lr * g / (|g| + eps). Each side uses its own
-        # gradient (compared above), so the allowed difference is the difference that the two
-        # gradients imply, plus float32 rounding of the parameter and 1e-3 lr.
-        u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
-        u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
-        p_ref = numpy_of(p)
-        bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
-        out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
-                                  f'|d| <= {TOL_STEP:g} lr + implied'))
+    ref_params = dict(ref_model.named_parameters())
+    out += adam_step_checks(ref_params, our_grads, ref_grads, ours_after, ref_params,
+                            float(o.learning_rate), TOL_STEP)
 
     # Epoch boundary right after that step: w1/w2 of epoch 2, and theta overwritten with the
     # attention of the last forward (this batch's, computed before the step) while Adam's
@@ -319,7 +289,6 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
         key=key, epoch_key=key)
     fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
     host = lirdrec.host_init(m)
-    metrics, ks = tuple(e.metrics), tuple(e.topk)
     for epoch in range(epochs):
         log(f'training epoch {epoch} on both sides and the perturbed reference ...')
         twins.start_epoch()
@@ -344,12 +313,8 @@ def _training_checks(side, ref_model, ref_cfg, model, optimizer, params, prepare
         loss = train.summed_loss(step_losses, epoch)
         out.append(C.floor_check(f'epoch {epoch}: summed training loss', loss, ref_loss,
                                  perturbed_loss, minimum=TOL_LOSS * abs(ref_loss)))
-        for name, split in (('valid', prepared.valid), ('test', prepared.test)):
-            ref_metrics, perturbed_metrics = twins.evaluate(split, int(e.batch_size))
-            ours = evaluation.evaluate_full_sort(state.carry.user_emb, state.carry.item_emb, split,
-                                                 metrics=metrics, ks=ks)
-            out.append(C.floor_metrics_check(f'epoch {epoch}: {name} metrics', ours, ref_metrics,
-                                             perturbed_metrics, minimum=TOL_METRIC_SAME_EMB))
+        out += metric_floor_checks(f'epoch {epoch}: ', twins, state.carry.user_emb,
+                                   state.carry.item_emb, prepared, e, TOL_METRIC_SAME_EMB)
     ours_params = _our_params_by_reference_key(state.params, prepared.dataset)
     out += parameter_floor_checks(f'parameters after {epochs} epochs', ours_params, twins,
                                   PARAM_TABLE, float(point_cfg.optim.learning_rate))

@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from lirdrec_jax import evaluation, graph, optim, parallel, sampling, train
+from lirdrec_jax import graph, parallel, sampling, train
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import mllmrec
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
-from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, compare_sparse,
-                                       knn_tie_rows, numpy_of, parameter_floor_checks,
-                                       same_embedding_checks, torch_batch,
-                                       torch_sparse_to_scipy)
+from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, adam_step_checks,
+                                       built_reference, compare_sparse, export_check,
+                                       gradient_checks, knn_tie_rows, metric_floor_checks,
+                                       numpy_of, our_adam_step, parameter_floor_checks,
+                                       same_embedding_checks, torch_batch, torch_sparse_to_scipy)
 
 MODEL = mllmrec.MODEL
 REFERENCE_REPO = 'Yuzhuo-Dang/MLLMRec'
@@ -242,10 +243,7 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
     import torch
     m = point_cfg.model
     results: List[C.Check] = []
-    log('building the reference model ...')
-    ref_model, ref_cfg, staging = reference.build_reference_model(
-        None, point_cfg, dataset, dataset_dir, seed=seed, model_class=side.model_class)
-    try:
+    with built_reference(side, point_cfg, dataset, dataset_dir, seed, log) as (ref_model, ref_cfg):
         prepared = train.prepare_data(dataset, MODEL.name)
         ours = prepared.model
         state = {k: numpy_of(v) for k, v in ref_model.state_dict().items()}
@@ -287,13 +285,7 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
         template, _ = MODEL.init(jax.random.PRNGKey(seed), net, frozen, frozen_host)
         params = jax.tree.map(jnp.asarray, import_state_dict(state, template))
         exported = export_params(params, {'items': ours.items, 'users': ours.users})
-        probe = copy.deepcopy(ref_model)
-        probe.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=True)
-        results.append(C.exact('export: state_dict loaded by the reference (strict)',
-                               np.concatenate([numpy_of(v).ravel()
-                                               for v in probe.state_dict().values()]),
-                               np.concatenate([v.ravel() for v in state.values()])))
-        del probe
+        results.append(export_check(ref_model, exported))
 
         fresh = lambda: jax.tree.map(jnp.array, params)
         results += _single_step_checks(side, copy.deepcopy(ref_model), ref_cfg, net, fresh(),
@@ -301,8 +293,6 @@ def run_parity(side: ReferenceSide, point_cfg, dataset: MMRecDataset, dataset_di
         if epochs > 0:
             results += _training_checks(side, ref_model, ref_cfg, net, fresh(), prepared,
                                         frozen_host, point_cfg, epochs, seed, log)
-    finally:
-        staging.cleanup()
     return results
 
 
@@ -346,25 +336,11 @@ def _single_step_checks(side, ref_model, ref_cfg, net, params, prepared, frozen,
 
     # One Adam step from the same parameters, each side with the gradients compared above.
     trainer.optimizer.step()
-    optimizer = optim.create_optimizer(float(o.weight_decay))
-    after, _ = train.apply_gradients(optimizer, params, optimizer.init(params), grads,
-                                     jnp.float32(o.learning_rate))
-    ours_after = export_params(after)
-    lr = float(o.learning_rate)
-    ref_params = dict(ref_model.named_parameters())
-    for key in PARAM_TABLE:
-        if key not in ref_grads:
-            continue  # reported by the gradient check
-        # Adam's first step moves each element by lr * g / (|g| + eps); each side uses its own
-        # gradient (compared above), so the allowed difference is what the two gradients imply,
-        # plus float32 rounding of the parameter and 1e-3 lr. For MLP_1.bias, whose gradients
-        # are rounding noise on both sides, the implied term is the whole allowance.
-        u_ours = our_grads[key] / (np.abs(our_grads[key]) + 1e-8)
-        u_ref = ref_grads[key] / (np.abs(ref_grads[key]) + 1e-8)
-        p_ref = numpy_of(ref_params[key])
-        bound = TOL_STEP * lr + lr * np.abs(u_ours - u_ref) + 2.0 ** -22 * np.abs(p_ref)
-        out.append(C.within_bound(f'after one Adam step {key}', ours_after[key], p_ref, bound,
-                                  f'|d| <= {TOL_STEP:g} lr + implied'))
+    ours_after = export_params(our_adam_step(params, grads, o.weight_decay, o.learning_rate))
+    # MLP_1.bias's gradients are rounding noise on both sides: the implied term is its whole
+    # allowance.
+    out += adam_step_checks(PARAM_TABLE, our_grads, ref_grads, ours_after,
+                            dict(ref_model.named_parameters()), float(o.learning_rate), TOL_STEP)
 
     # Top-k lists and metrics from identical embeddings: the reference's evaluator scores with
     # a fresh forward (its full_sort_predict); ours ranks that same forward's embeddings.
@@ -383,21 +359,8 @@ def _gradient_checks(our_grads: dict, ref_grads: dict, bias_scale: float) -> Lis
     times the scale of the terms that cancel (each a batch mean of sigmoid(.) * h_u, at most
     max|h_u| over the batch's users).
     """
-    out = []
-    for key in PARAM_TABLE:
-        if key not in ref_grads:
-            out.append(C.Check(f'gradient {key}', float('nan'), float('nan'),
-                               'a gradient on both sides', False,
-                               'the reference computes no gradient for it'))
-        elif key == CANCELLING_BIAS:
-            out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key],
-                                 atol=TOL_GRAD * bias_scale,
-                                 note=f'exactly 0 up to rounding; bound {TOL_GRAD:g} * '
-                                      f'max|h_u batch| = {TOL_GRAD * bias_scale:.3g}'))
-        else:
-            out.append(C.compare(f'gradient {key}', our_grads[key], ref_grads[key],
-                                 atol=TOL_GRAD, scale_atol_by_ref_max=True))
-    return out
+    return gradient_checks(PARAM_TABLE, our_grads, ref_grads, TOL_GRAD, (CANCELLING_BIAS,),
+                           bias_scale, 'max|h_u batch|')
 
 
 def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen_host, point_cfg,
@@ -417,7 +380,6 @@ def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen_hos
     setup = setup._replace(net=net, state=state, key=key, epoch_key=key)
     fns = train.make_epoch_fns(setup, partitioner, 'last_batch')
     host = MODEL.host_init(point_cfg.model)
-    metrics, ks = tuple(e.metrics), tuple(e.topk)
     for epoch in range(epochs):
         log(f'training epoch {epoch} on both sides and the perturbed reference ...')
         twins.start_epoch()
@@ -434,11 +396,8 @@ def _training_checks(side, ref_model, ref_cfg, net, params, prepared, frozen_hos
         out.append(C.floor_check(f'epoch {epoch}: summed training loss', loss, ref_loss,
                                  perturbed_loss, minimum=TOL_LOSS * abs(ref_loss)))
         users, items = fns.eval_embeddings(state.params, state.carry, setup.frozen, None, sc)
-        for name, split in (('valid', prepared.valid), ('test', prepared.test)):
-            ref_metrics, perturbed_metrics = twins.evaluate(split, int(e.batch_size))
-            ours = evaluation.evaluate_full_sort(users, items, split, metrics=metrics, ks=ks)
-            out.append(C.floor_metrics_check(f'epoch {epoch}: {name} metrics', ours, ref_metrics,
-                                             perturbed_metrics, minimum=TOL_METRIC_SAME_EMB))
+        out += metric_floor_checks(f'epoch {epoch}: ', twins, users, items, prepared, e,
+                                   TOL_METRIC_SAME_EMB)
     out += parameter_floor_checks(f'parameters after {epochs} epochs',
                                   export_params(state.params), twins, PARAM_TABLE,
                                   float(point_cfg.optim.learning_rate))
