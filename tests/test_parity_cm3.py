@@ -18,16 +18,10 @@ from lirdrec_jax.parity import checks, reference  # noqa: E402
 from lirdrec_jax.parity import cm3 as run  # noqa: E402
 from lirdrec_jax.parity.common import ReferenceSide  # noqa: E402
 from tests import torch_cm3 as T  # noqa: E402
-from tests.torch_restatement import RestatedTrainer  # noqa: E402
+from tests.torch_restatement import MMREC_FRAMEWORK_KEYS, RestatedTrainer  # noqa: E402
 
-# The keys CM3's reference reads from its config: GeneralRecommender, Trainer, TopKEvaluator
-# (framework) and models/cm3.py (model), read off its source.
-FRAMEWORK_KEYS = {
-    'USER_ID_FIELD', 'ITEM_ID_FIELD', 'NEG_PREFIX', 'data_path', 'dataset', 'device', 'end2end',
-    'is_multimodal_model', 'vision_feature_file', 'text_feature_file', 'train_batch_size',
-    'clip_grad_norm', 'epochs', 'eval_batch_size', 'eval_step', 'eval_type', 'learner',
-    'learning_rate', 'learning_rate_scheduler', 'metrics', 'model', 'stopping_step', 'topk',
-    'valid_metric', 'valid_metric_bigger', 'save_recommended_topk'}
+# The keys models/cm3.py reads from its config, read off its source (besides the framework's,
+# MMREC_FRAMEWORK_KEYS).
 CM3_KEYS = {'gamma', 'embedding_size', 'feat_embed_dim', 'knn_k', 'lambda_coeff', 'n_mm_layers',
             'n_ui_layers', 'mm_image_weight', 'dropout', 'max_sim', 'min_sim', 'alpha'}
 
@@ -79,7 +73,7 @@ def restated_model(dataset, folder, point, model_class=T.RestatedCM3):
 def test_reference_config_has_exactly_the_keys_cm3_reads(small):
     _, _, point = small
     config = reference.reference_config(point, '/data/', 'small')
-    assert set(config) == FRAMEWORK_KEYS | CM3_KEYS
+    assert set(config) == MMREC_FRAMEWORK_KEYS | CM3_KEYS
     assert config['model'] == 'CM3' and config['dropout'] == 0.0
     assert (config['gamma'], config['max_sim'], config['min_sim'], config['alpha']) == (
         0.5, 0.8, 0.0, 0.5)

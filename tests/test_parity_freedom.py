@@ -18,16 +18,10 @@ from lirdrec_jax.parity import freedom as run  # noqa: E402
 from lirdrec_jax.parity.common import ReferenceSide  # noqa: E402
 from tests import torch_freedom as T  # noqa: E402
 from tests import torch_freedom_reference as R  # noqa: E402
-from tests.torch_restatement import RestatedTrainer  # noqa: E402
+from tests.torch_restatement import MMREC_FRAMEWORK_KEYS, RestatedTrainer  # noqa: E402
 
-# The keys FREEDOM's reference reads from its config: GeneralRecommender, Trainer,
-# TopKEvaluator (framework) and models/freedom.py (model), read off its source.
-FRAMEWORK_KEYS = {
-    'USER_ID_FIELD', 'ITEM_ID_FIELD', 'NEG_PREFIX', 'data_path', 'dataset', 'device', 'end2end',
-    'is_multimodal_model', 'vision_feature_file', 'text_feature_file', 'train_batch_size',
-    'clip_grad_norm', 'epochs', 'eval_batch_size', 'eval_step', 'eval_type', 'learner',
-    'learning_rate', 'learning_rate_scheduler', 'metrics', 'model', 'stopping_step', 'topk',
-    'valid_metric', 'valid_metric_bigger', 'save_recommended_topk'}
+# The keys models/freedom.py reads from its config, read off its source (besides the framework's,
+# MMREC_FRAMEWORK_KEYS).
 FREEDOM_KEYS = {
     'embedding_size', 'feat_embed_dim', 'knn_k', 'lambda_coeff', 'cf_model', 'n_mm_layers',
     'n_ui_layers', 'reg_weight', 'mm_image_weight', 'dropout', 'degree_ratio'}
@@ -71,7 +65,7 @@ def side(model_class=R.RestatedFREEDOM):
 def test_reference_config_has_exactly_the_keys_freedom_reads(small):
     dataset, folder, point = small
     config = reference.reference_config(point, '/data/', 'small')
-    assert set(config) == FRAMEWORK_KEYS | FREEDOM_KEYS
+    assert set(config) == MMREC_FRAMEWORK_KEYS | FREEDOM_KEYS
     assert config['model'] == 'FREEDOM' and config['dropout'] == 0.8
     assert config['feat_embed_dim'] == config['embedding_size'] == 16
     assert config['learning_rate_scheduler'] == [1.0, 50.0]

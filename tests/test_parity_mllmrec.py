@@ -17,17 +17,11 @@ from lirdrec_jax.parity import checks, reference  # noqa: E402
 from lirdrec_jax.parity import mllmrec as run  # noqa: E402
 from lirdrec_jax.parity.common import ReferenceSide  # noqa: E402
 from tests import torch_mllmrec as T  # noqa: E402
-from tests.torch_restatement import RestatedTrainer  # noqa: E402
+from tests.torch_restatement import MMREC_FRAMEWORK_KEYS, RestatedTrainer  # noqa: E402
 
-# The keys the reference reads from its config: GeneralRecommender, Trainer, TopKEvaluator
-# (framework) and models/mllmrec.py + the two file names (model), read off its source. alpha1,
+# The keys models/mllmrec.py and the two file names read from its config, read off its source
+# (besides the framework's, MMREC_FRAMEWORK_KEYS). alpha1,
 # alpha2, beta are read too but absent from its yaml files (None), as here.
-FRAMEWORK_KEYS = {
-    'USER_ID_FIELD', 'ITEM_ID_FIELD', 'NEG_PREFIX', 'data_path', 'dataset', 'device', 'end2end',
-    'is_multimodal_model', 'vision_feature_file', 'text_feature_file', 'train_batch_size',
-    'clip_grad_norm', 'epochs', 'eval_batch_size', 'eval_step', 'eval_type', 'learner',
-    'learning_rate', 'learning_rate_scheduler', 'metrics', 'model', 'stopping_step', 'topk',
-    'valid_metric', 'valid_metric_bigger', 'save_recommended_topk'}
 MLLMREC_KEYS = {'feat_embed_dim', 'n_ii_layers', 'n_ui_layers', 'knn_k', 'knn_jac', 'pure',
                 'image_text_feature_file', 'user_preference_feature_file', 'req_training',
                 'weight_decay'}
@@ -67,7 +61,7 @@ def side(model_class=T.RestatedMLLMRec):
 def test_reference_config_has_exactly_the_keys_mllmrec_reads(small):
     dataset, folder, point = small
     config = reference.reference_config(point, '/data/', 'small')
-    assert set(config) == FRAMEWORK_KEYS | MLLMREC_KEYS
+    assert set(config) == MMREC_FRAMEWORK_KEYS | MLLMREC_KEYS
     assert config['model'] == 'MLLMRec' and config['pure'] == 0.2 and config['knn_jac'] == 5
     assert config['image_text_feature_file'] == 'image_text_feat.npy'
     assert config['user_preference_feature_file'] == 'user_preferences_feat.npy'

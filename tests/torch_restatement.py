@@ -14,6 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
+# The keys MMRec's framework classes (GeneralRecommender, Trainer, TopKEvaluator) read from a
+# reference's config, read off their source; the same in every MMRec-based reference
+# (enoche/LIRDRec, enoche/FREEDOM, enoche/CM3, Yuzhuo-Dang/MLLMRec).
+MMREC_FRAMEWORK_KEYS = frozenset({
+    'USER_ID_FIELD', 'ITEM_ID_FIELD', 'NEG_PREFIX', 'data_path', 'dataset', 'device', 'end2end',
+    'is_multimodal_model', 'vision_feature_file', 'text_feature_file', 'train_batch_size',
+    'clip_grad_norm', 'epochs', 'eval_batch_size', 'eval_step', 'eval_type', 'learner',
+    'learning_rate', 'learning_rate_scheduler', 'metrics', 'model', 'stopping_step', 'topk',
+    'valid_metric', 'valid_metric_bigger', 'save_recommended_topk'})
+
 
 def dct_matrix(n: int) -> torch.Tensor:
     """(n, n) orthonormal DCT-II matrix C, so that DCT(x) = x @ C.T."""
