@@ -1,14 +1,14 @@
 """CM3 configurations: the embedded synthetic default and the MMRec datasets.
 
-Run (from the repository root):
-  python -m lirdrec_jax.main --config configs/cm3.py
+Run (from any folder once the package is installed):
+  python -m lirdrec_jax.main --config cm3
       Embedded synthetic data (generated on first use, no download) at one point of the
       reference's grid: n_ui_layers 3, gamma 0.5, max_sim 1.0, alpha 0.5 (see
       `_dataset_config`). Prints the valid/test table at the best valid epoch. Measured
       (2026-12-02): early stopping after 45 epochs (best epoch 34), 2 min 19 s wall on 2 CPU
       cores shared with other jobs; valid Recall@20 0.4785, test Recall@20 0.4562 and
       NDCG@20 0.2676 against 0.1489 and 0.0722 for most-popular.
-  python -m lirdrec_jax.main --config configs/cm3.py:baby --config.data.data_dir=/data/mmrec
+  python -m lirdrec_jax.main --config cm3:baby --config.data.data_dir=/data/mmrec
       MMRec's Amazon Baby (expects /data/mmrec/baby/baby.inter, image_feat.npy, text_feat.npy)
       over the reference's grid of 24 points (n_ui_layers x gamma x max_sim x alpha, see
       `hyper_parameters`); prints one line per point and the best point by valid Recall@20.

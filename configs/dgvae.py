@@ -1,11 +1,11 @@
 """DGVAE configurations: the embedded synthetic default and the MMRec datasets.
 
-Run (from the repository root):
-  python -m lirdrec_jax.main --config configs/dgvae.py
+Run (from any folder once the package is installed):
+  python -m lirdrec_jax.main --config dgvae
       Embedded synthetic data (generated on first use, with its word view; no download) at the
       reference's settings (run-baby.sh, see `base_config`). Prints the valid/test table at the
       best valid epoch next to a most-popular baseline (test Recall@20 0.1489, NDCG@20 0.0722).
-  python -m lirdrec_jax.main --config configs/dgvae.py:baby --config.data.data_dir=/data/mmrec
+  python -m lirdrec_jax.main --config dgvae:baby --config.data.data_dir=/data/mmrec
       MMRec's Amazon Baby (expects /data/mmrec/baby/baby.inter, image_feat.npy, text_feat.npy
       and the word view user_words_tfidf.npz, built by
       `python -m data_prep.words --data_dir /data/mmrec --dataset baby` from the items' texts).

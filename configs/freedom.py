@@ -1,13 +1,13 @@
 """FREEDOM configurations: the embedded synthetic default and the MMRec datasets.
 
-Run (from the repository root):
-  python -m lirdrec_jax.main --config configs/freedom.py
+Run (from any folder once the package is installed):
+  python -m lirdrec_jax.main --config freedom
       Embedded synthetic data (generated on first use, no download) at one point of the
       reference's grid: dropout 0.8, reg_weight 1e-3 (see `_dataset_config`). Prints the
       valid/test table at the best valid epoch. Measured: early stopping after 193 epochs
       (best epoch 172), 1 min 36 s wall on 2 CPU cores; valid Recall@20 0.4696, test
       Recall@20 0.4776 and NDCG@20 0.2755 against 0.1489 and 0.0722 for most-popular.
-  python -m lirdrec_jax.main --config configs/freedom.py:baby --config.data.data_dir=/data/mmrec
+  python -m lirdrec_jax.main --config freedom:baby --config.data.data_dir=/data/mmrec
       MMRec's Amazon Baby (expects /data/mmrec/baby/baby.inter, image_feat.npy, text_feat.npy)
       over the reference's grid of 8 points (dropout x reg_weight, see `hyper_parameters`);
       prints one line per point and the best point by valid Recall@20. Likewise `:sports`,

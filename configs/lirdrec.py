@@ -1,12 +1,12 @@
 """LIRDRec configurations: the embedded synthetic default and the MMRec datasets.
 
-Run (from the repository root):
-  python -m lirdrec_jax.main --config configs/lirdrec.py
+Run (from any folder once the package is installed):
+  python -m lirdrec_jax.main --config lirdrec
       Embedded synthetic data (generated on first use, no download), the reference's
       hyper-parameters at one grid point. Trains to early stopping (109 epochs) in about 55 s
       on 2 CPU cores and prints the valid/test table at the best valid epoch next to a
       most-popular baseline: test Recall@20 about 0.47 against 0.15.
-  python -m lirdrec_jax.main --config configs/lirdrec.py:baby --config.data.data_dir=/data/mmrec
+  python -m lirdrec_jax.main --config lirdrec:baby --config.data.data_dir=/data/mmrec
       MMRec's Amazon Baby (expects /data/mmrec/baby/baby.inter, image_feat.npy, text_feat.npy)
       over the reference's grid of 54 points (see `hyper_parameters`); prints one line per point
       and the best point by valid Recall@20. Likewise `:sports`, `:clothing`, `:elec`,
@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decay_base = 0.9        # PWC: w1 <- w1 * decay_base**epoch each epoch
     c.model.decay_weight = (0.9,)   # PWC: initial w1 (w2 = 1 - w1)
     # Speed options (docs/performance.md). The defaults reproduce the published numbers of this
-    # project bit for bit. On a CPU, the `fast` variant (configs/lirdrec.py:fast or :baby,fast)
+    # project bit for bit. On a CPU, the `fast` variant (lirdrec:fast or lirdrec:baby,fast)
     # sets graph.spmm_impl='segment_sum', model.transposed_features=True and
     # model.cpu_dot='eigen': an epoch about 1.3x faster, results changed only by float32
     # rounding. 'bfloat16' runs the towers' first layers in bfloat16 with float32 accumulation

@@ -1,14 +1,14 @@
 """MLLMRec configurations: the embedded synthetic default and the MMRec datasets.
 
-Run (from the repository root):
-  python -m lirdrec_jax.main --config configs/mllmrec.py
+Run (from any folder once the package is installed):
+  python -m lirdrec_jax.main --config mllmrec
       Embedded synthetic data (generated on first use, no download), with its no-LLM input
       files (items: the text-feature rows; users: the mean of those over each user's TRAINING
       items), at the reference's Baby point: knn_jac 10, pure 0.7 (see `_dataset_config`).
       Prints the valid/test table at the best valid epoch. Measured: early stopping after 81
       epochs (best epoch 59), 57 s wall on 2 CPU cores; valid Recall@20 0.4533, test
       Recall@20 0.4370 and NDCG@20 0.2469 against 0.1489 and 0.0722 for most-popular.
-  python -m lirdrec_jax.main --config configs/mllmrec.py:baby --config.data.data_dir=/data/mmrec
+  python -m lirdrec_jax.main --config mllmrec:baby --config.data.data_dir=/data/mmrec
       MMRec's Amazon Baby: expects /data/mmrec/baby/baby.inter and the two input files,
       image_text_feat.npy (one row per item) and user_preferences_feat.npy (one row per user),
       built by `python -m data_prep.mllmrec --data_dir /data/mmrec --dataset baby` (no-LLM

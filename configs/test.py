@@ -1,10 +1,10 @@
 """A tiny, CPU-fast configuration for tests: a few epochs on a small synthetic dataset.
 
-  python -m lirdrec_jax.main --config configs/test.py --config.data.data_dir=DIR
+  python -m lirdrec_jax.main --config test --config.data.data_dir=DIR
 """
 import ml_collections
 
-from configs import lirdrec
+from lirdrec_jax.configs import lirdrec
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:

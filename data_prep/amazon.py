@@ -18,7 +18,7 @@ single spaces. Items without an image-feature row get the mean row, counted.
 Usage:
   python -m data_prep.amazon --interactions reviews_Baby_5.json.gz --meta meta_Baby.json.gz \\
       --image_features image_features_Baby.b --out_dir /data/mine --name baby
-  python -m lirdrec_jax.main --config configs/lirdrec.py \\
+  python -m lirdrec_jax.main --config lirdrec \\
       --config.data.data_dir=/data/mine --config.data.dataset=baby
 """
 import argparse

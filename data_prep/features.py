@@ -27,7 +27,7 @@ MLLMRec reads a file of the same default name built differently (each descriptio
 the item's text, plus a user file): `python -m data_prep.mllmrec` reuses this stage for it.
 
 Train with it as the image modality:
-  python -m lirdrec_jax.main --config configs/lirdrec.py --config.data.data_dir=DATA \\
+  python -m lirdrec_jax.main --config lirdrec --config.data.data_dir=DATA \\
       --config.data.dataset=NAME --config.data.image_file=image_text_feat.npy
 """
 import argparse
@@ -513,7 +513,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         k: v for k, v in counts.items() if not isinstance(v, list)},
         'output': f'{out_path} {tuple(feat.shape)}'}))
     print(f'train with it as the image modality: python -m lirdrec_jax.main --config '
-          f'configs/lirdrec.py --config.data.data_dir={dataset_dir.parent} '
+          f'lirdrec --config.data.data_dir={dataset_dir.parent} '
           f'--config.data.dataset={name} --config.data.image_file={out_path.name}')
     return 0
 

@@ -56,7 +56,7 @@ defaults are the builders of `lirdrec_jax.model_inputs`, the same that give the 
 default dataset these files.
 
 Train:
-  python -m lirdrec_jax.main --config configs/mllmrec.py --config.data.data_dir=DATA \\
+  python -m lirdrec_jax.main --config mllmrec --config.data.data_dir=DATA \\
       --config.data.dataset=NAME
 """
 import argparse
@@ -547,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if errors.total():
         summary['malformed lines skipped'] = errors.total()
     print(writer.format_fixes(summary))
-    print(f'train: python -m lirdrec_jax.main --config configs/mllmrec.py '
+    print(f'train: python -m lirdrec_jax.main --config mllmrec '
           f'--config.data.data_dir={args.data_dir} --config.data.dataset={args.dataset}'
           + (f' --config.data.image_text_file={args.items_output}'
              if args.items_output != ITEMS_OUTPUT else '')

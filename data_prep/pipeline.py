@@ -226,7 +226,7 @@ def print_summary(args: argparse.Namespace, stats: Dict[str, object], fixes: Dic
               '`python -m data_prep.features` (item images -> descriptions -> embeddings) and '
               'pass --config.data.image_file=image_text_feat.npy, or train text-only with '
               '--config.data.image_file=text_feat.npy (see docs/data_prep.md)')
-    print(f'train: python -m lirdrec_jax.main --config configs/lirdrec.py '
+    print(f'train: python -m lirdrec_jax.main --config lirdrec '
           f'--config.data.data_dir={args.out_dir} --config.data.dataset={args.name}')
 
 

@@ -38,7 +38,7 @@ user's items, joined without a separator, so boundary words fuse); the default j
 space (docs/reference_quirks.md).
 
 Train (the model reads the matrix as data.words_file):
-  python -m lirdrec_jax.main --config configs/dgvae.py --config.data.data_dir=DATA \\
+  python -m lirdrec_jax.main --config dgvae --config.data.data_dir=DATA \\
       --config.data.dataset=NAME
 """
 import argparse
@@ -282,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if errors.total():
         summary['malformed lines skipped'] = errors.total()
     print(writer.format_fixes(summary))
-    print(f'train: python -m lirdrec_jax.main --config configs/dgvae.py '
+    print(f'train: python -m lirdrec_jax.main --config dgvae '
           f'--config.data.data_dir={args.data_dir} --config.data.dataset={args.dataset}'
           + (f' --config.data.words_file={args.words_output}'
              if args.words_output != word_view.WORDS_FILE else ''))

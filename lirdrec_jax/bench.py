@@ -1,7 +1,7 @@
 """Benchmark one grid point of any model at the scale of MMRec's Amazon datasets, on synthetic data.
 
   python -m lirdrec_jax.bench --scale baby [--epochs 2] [--json out.json]
-  python -m lirdrec_jax.bench --config configs/freedom.py --scale baby   # another model
+  python -m lirdrec_jax.bench --config freedom --scale baby   # another model
   python -m lirdrec_jax.bench --scale baby --fast        # the CPU speed options
   python -m lirdrec_jax.bench --scale clothing --fast --matmul_dtype bfloat16
   python -m lirdrec_jax.bench --scale baby --sweep_points 4      # also: vmapped vs sequential
@@ -369,15 +369,16 @@ def _reference_table(ours: dict, ref: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m lirdrec_jax.bench',
                                 description=__doc__.splitlines()[0])
-    p.add_argument('--config', default='configs/lirdrec.py',
-                   help='config file[:variant] of the model to time (its first grid point)')
+    p.add_argument('--config', default='lirdrec',
+                   help='built-in config name or config file, [:variant], of the model to time '
+                        '(its first grid point)')
     p.add_argument('--scale', choices=sorted(SCALES), default='baby')
     p.add_argument('--epochs', type=int, default=2, help='training epochs to time')
     p.add_argument('--json', help='also write the results to this JSON file')
     p.add_argument('--matmul_dtype', choices=('float32', 'bfloat16'), default='float32')
     p.add_argument('--fast', action='store_true',
                    help="the config's `fast` variant (the CPU speed options, e.g. "
-                        'configs/lirdrec.py:fast)')
+                        'lirdrec:fast)')
     p.add_argument('--spmm_impl', choices=('segment_sum', 'bcoo'), default=None)
     p.add_argument('--spmm_chunk_size', type=int, default=None)
     p.add_argument('--transposed_features', action='store_true')

@@ -1,8 +1,12 @@
-"""Command line: `python -m lirdrec_jax.main --config configs/lirdrec.py[:variant] [--config.a.b=v ...]`.
+"""Command line: `python -m lirdrec_jax.main --config NAME[:variant] [--workdir DIR] [--config.a.b=v ...]`.
 
-The config file's `get_config(variant)` returns a locked ml_collections config; fields are
-overridden with `--config.section.field=value`. A key that does not exist is an error that
-names it and lists the fields of its section.
+`--config` takes a built-in config by name (lirdrec, freedom, cm3, mllmrec, dgvae, test; with a
+variant such as `lirdrec:baby` or `freedom:sports,fast`) or the path of a config file, whose
+`get_config(variant)` returns a locked ml_collections config (your own file can start from a
+built-in one: `from lirdrec_jax.configs import lirdrec`). Fields are overridden with
+`--config.section.field=value`; a key that does not exist is an error that names it and lists
+the fields of its section. `--workdir DIR` writes the run into DIR and, started again with the
+same DIR, continues it (as in the Flax examples).
 """
 import logging as std_logging
 import os
@@ -11,14 +15,14 @@ import sys
 from absl import app, logging
 from ml_collections import config_flags
 
-from lirdrec_jax.cli import apply_aliases, precheck
+from lirdrec_jax.cli import apply_aliases, default_config_path, precheck
 
 # Errors caused by the user's input or environment; anything else keeps its traceback. OSError
 # covers file-system failures (storage.StorageError names the path and the remedy), a run
 # directory locked by another process (rundir.RunLockedError) and missing files.
 USER_ERRORS = (ValueError, OSError)  # DataError and CheckpointError are ValueErrors
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lirdrec.py',
+_CONFIG = config_flags.DEFINE_config_file('config', default_config_path(),
                                           'Config file, optionally with :variant.')
 
 

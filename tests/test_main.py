@@ -25,8 +25,13 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def run_cli(*args, cwd=REPO):
-    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+def run_cli(*args, cwd=REPO, repo_on_path=True):
+    """`python -m lirdrec_jax.main ARGS` in a subprocess; with `repo_on_path=False` only the
+    installed package is importable (no `configs` package of the checkout)."""
+    env = dict(os.environ)
+    env.pop('PYTHONPATH', None)
+    if repo_on_path:
+        env['PYTHONPATH'] = str(REPO)
     cache = os.environ.get(COMPILATION_CACHE, 'off')
     if cache != 'off':  # the programs this process compiled for the same shapes
         env['JAX_COMPILATION_CACHE_DIR'] = cache
@@ -61,19 +66,31 @@ def test_a_run_beats_most_popular_and_prints_its_table(data_dir, tmp_path, capsy
 
 def test_command_line_smoke(data_dir, tmp_path):
     """The one test through a real `python -m lirdrec_jax.main` (the others call the same
-    functions in this process): flags, the `--config.data_dir` alias, progress lines, files."""
-    out = run_cli('--config', 'configs/test.py', f'--config.data_dir={data_dir}',
-                  '--config.data.dataset=small', f'--config.checkpoint.output_dir={tmp_path}',
-                  '--config.train.epochs=2', '--config.train.stopping_step=8')
+    functions in this process), from a folder outside the checkout with only the installed
+    package importable: a built-in config by name, `--workdir`, the `--config.data_dir` alias,
+    progress lines (one per epoch when the output is not a terminal), files; started again with
+    the same --workdir, the finished run is reported, not trained again."""
+    run_dir = tmp_path / 'my run'
+    args = ('--config', 'test', f'--config.data_dir={data_dir}', '--config.data.dataset=small',
+            '--workdir', str(run_dir), '--config.train.epochs=2',
+            '--config.train.stopping_step=8')
+    out = run_cli(*args, cwd=tmp_path, repo_on_path=False)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert sum(l.startswith('epoch ') for l in lines) == 2  # one progress line per epoch
-    run_dir = next(tmp_path.glob('lirdrec-small-*'))
     results = json.loads((run_dir / 'results.json').read_text())
     printed = next(l for l in lines if l.startswith('lirdrec test recall')).split()[-4:]
     assert results['finished'] and results['points'][0]['best_epoch'] in (0, 1)
     assert float(printed[2]) == round(results['points'][0]['best_test']['recall@20'], 4)
-    assert (run_dir / 'point-000' / 'metrics.jsonl').read_text().count('\n') == 2
+    metrics = (run_dir / 'point-000' / 'metrics.jsonl').read_text()
+    assert metrics.count('\n') == 2
+    again = run_cli(*args, cwd=tmp_path, repo_on_path=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'finished earlier' in again.stdout and not any(
+        l.startswith('epoch ') for l in again.stdout.splitlines())
+    assert next(l for l in again.stdout.splitlines()
+                if l.startswith('lirdrec test recall')).split()[-4:] == printed
+    assert (run_dir / 'point-000' / 'metrics.jsonl').read_text() == metrics
 
 
 def import_main(monkeypatch):
@@ -89,7 +106,7 @@ def import_main(monkeypatch):
 
 def test_unknown_config_key_is_a_clear_error(monkeypatch):
     main = import_main(monkeypatch)
-    monkeypatch.setattr(sys, 'argv', ['lirdrec_jax.main', '--config', 'configs/lirdrec.py',
+    monkeypatch.setattr(sys, 'argv', ['lirdrec_jax.main', '--config', 'lirdrec',
                                       '--config.model.knn=5'])
     with pytest.raises(SystemExit) as exit_:
         main.run()  # stops in the check before absl parses the flags

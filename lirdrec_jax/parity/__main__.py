@@ -21,7 +21,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lirdrec.py',
+from lirdrec_jax.cli import default_config_path
+
+_CONFIG = config_flags.DEFINE_config_file('config', default_config_path(),
                                           'Config file, optionally with :variant.')
 _REFERENCE = flags.DEFINE_string('reference', None,
                                   "Path of a clone of the model's reference repository.")

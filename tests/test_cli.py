@@ -1,0 +1,88 @@
+"""Built-in configs by name, `--workdir`, and the command-line rewrites of lirdrec_jax.cli."""
+from pathlib import Path
+
+import pytest
+
+from lirdrec_jax import cli
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = ('cm3', 'dgvae', 'freedom', 'lirdrec', 'mllmrec', 'test')
+
+
+def test_builtin_configs_are_the_repository_configs():
+    found = cli.builtin_configs()
+    assert sorted(found) == sorted(BUILTIN)
+    for name, path in found.items():
+        assert path.read_bytes() == (REPO / 'configs' / f'{name}.py').read_bytes()
+
+
+@pytest.mark.parametrize('spec, model, dataset', [
+    ('lirdrec', 'lirdrec', 'synthetic'), ('lirdrec:baby', 'lirdrec', 'baby'),
+    ('freedom:sports', 'freedom', 'sports'), ('configs/cm3.py:clothing', 'cm3', 'clothing'),
+    ('dgvae', 'dgvae', 'synthetic')])
+def test_configs_load_by_name_from_any_folder(spec, model, dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    cfg = cli.load_config(spec)
+    assert (cfg.model_name, cfg.data.dataset) == (model, dataset)
+
+
+def test_variant_modifiers_pass_through(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain, fast = cli.load_config('lirdrec:baby'), cli.load_config('lirdrec:baby,fast')
+    assert (plain.graph.spmm_impl, fast.graph.spmm_impl) == ('bcoo', 'segment_sum')
+    assert fast.data.dataset == 'baby'
+
+
+def test_a_file_in_the_working_folder_wins_over_the_builtin(tmp_path, monkeypatch):
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'lirdrec.py').write_text(
+        'from lirdrec_jax.configs import lirdrec\n\n'
+        'def get_config(arg=""):\n'
+        '    c = lirdrec.get_config(arg or "synthetic")\n'
+        '    c.train.epochs = 7\n'
+        '    return c\n')
+    monkeypatch.chdir(tmp_path)
+    assert cli.resolve_config('configs/lirdrec.py:baby') == 'configs/lirdrec.py:baby'
+    mine = cli.load_config('configs/lirdrec.py:baby')
+    assert (mine.train.epochs, mine.data.dataset) == (7, 'baby')
+    # By name it is still the built-in one.
+    assert cli.load_config('lirdrec').train.epochs == 1000
+
+
+def test_own_config_file_starting_from_a_builtin(tmp_path):
+    own = tmp_path / 'my_freedom.py'
+    own.write_text('from lirdrec_jax.configs import freedom\n\n'
+                   'def get_config(arg=""):\n'
+                   '    c = freedom.get_config(arg or "synthetic")\n'
+                   '    c.model.knn_k = 5\n'
+                   '    return c\n')
+    cfg = cli.load_config(f'{own}:sports')
+    assert (cfg.model_name, cfg.data.dataset, cfg.model.knn_k) == ('freedom', 'sports', 5)
+
+
+def test_unknown_config_names_the_builtin_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.resolve_config('lirdrek:baby')
+    message = str(exit_.value.code)
+    assert message.startswith("error: --config 'lirdrek:baby'")
+    assert all(name in message for name in BUILTIN)
+    with pytest.raises(SystemExit) as exit_:
+        cli.load_config('lirdrec:bbay')
+    assert str(exit_.value.code).startswith("error: config 'lirdrec:bbay'") and 'baby' in str(
+        exit_.value.code)
+
+
+def test_argv_rewrites(tmp_path):
+    builtin = cli.builtin_configs()
+    argv = ['prog', '--config', 'freedom:sports,fast', '--workdir', str(tmp_path / 'run'),
+            '--config.data_dir=/data', '--config.train.epochs=3']
+    assert cli.apply_aliases(argv) == [
+        'prog', f'--config={builtin["freedom"]}:sports,fast',
+        f'--config.checkpoint.output_dir={tmp_path}', '--config.checkpoint.run_name=run',
+        '--config.resume=True', '--config.data.data_dir=/data', '--config.train.epochs=3']
+    # The `=` spellings, and a trailing slash on the folder.
+    assert cli.apply_aliases(['prog', '--config=lirdrec', f'--workdir={tmp_path}/run/'])[1:3] == [
+        f'--config={builtin["lirdrec"]}', f'--config.checkpoint.output_dir={tmp_path}']
+    with pytest.raises(SystemExit, match='error: --workdir needs a value'):
+        cli.apply_aliases(['prog', '--workdir'])
