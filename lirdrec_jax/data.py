@@ -5,6 +5,7 @@
 later runs. When the cache cannot be written (read-only folder, disk full), it warns and goes on
 from the converted arrays in memory: the cache only saves time.
 """
+import hashlib
 import types
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
@@ -160,6 +161,22 @@ def load_mmrec(data_dir, name: str, *, image_file: str = 'image_feat.npy',
         # A warning, not an error: the run has its arrays, only the next run's shortcut is lost.
         mmrec_files.warn(f'{e}; this run continues without it')
     return dataset_from_arrays(arrays, name, cache)
+
+
+def split_summary(dataset: MMRecDataset) -> dict:
+    """What identifies a dataset's split, for results.json: sizes, interaction counts and a
+    SHA-256 of the train/valid/test (user, item) arrays (two runs share a split iff their
+    hashes are equal; features are not hashed)."""
+    digest = hashlib.sha256()
+    for split in (dataset.train, dataset.valid, dataset.test):
+        for column in (split.users, split.items):
+            values = np.ascontiguousarray(column, dtype='<i8')
+            digest.update(np.int64(values.size).tobytes())
+            digest.update(values.tobytes())
+    return {'dataset': dataset.name, 'n_users': int(dataset.n_users),
+            'n_items': int(dataset.n_items), 'n_train': int(dataset.train.users.shape[0]),
+            'n_valid': int(dataset.valid.users.shape[0]),
+            'n_test': int(dataset.test.users.shape[0]), 'split_sha256': digest.hexdigest()}
 
 
 def describe(dataset: MMRecDataset) -> str:

@@ -366,27 +366,30 @@ def hit_matrix(topk: np.ndarray, split: EvalSplit) -> np.ndarray:
     return truth_keys[pos] == keys
 
 
+# Each metric's per-user curve: (n_eval, K) values at every cutoff 1..K; the reported metric is
+# its mean over users (`topk_metrics`), the per-user values feed significance tests.
+
 def _recall(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
-    """(K,) recall at every cutoff 1..K, averaged over users (hits / pos_len, MMRec's)."""
-    return (np.cumsum(hits, axis=1) / pos_len.reshape(-1, 1)).mean(axis=0)
+    """(n, K) recall at every cutoff 1..K (hits / pos_len, MMRec's)."""
+    return np.cumsum(hits, axis=1) / pos_len.reshape(-1, 1)
 
 
 def _recall_min_k(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
-    """(K,) recall at every cutoff k = 1..K with hits / min(k, pos_len), averaged over users
+    """(n, K) recall at every cutoff k = 1..K with hits / min(k, pos_len)
     (`recall_denominator='min_k_test_items'`): a user with more held-out items than k can
     reach 1."""
     ranks = np.arange(1, hits.shape[1] + 1)
-    return (np.cumsum(hits, axis=1) / np.minimum(ranks[None, :], pos_len[:, None])).mean(axis=0)
+    return np.cumsum(hits, axis=1) / np.minimum(ranks[None, :], pos_len[:, None])
 
 
 def _precision(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
-    """(K,) precision at every cutoff 1..K, averaged over users."""
+    """(n, K) precision at every cutoff 1..K."""
     del pos_len  # precision divides by the cutoff only
-    return (np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)).mean(axis=0)
+    return np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
 
 
 def _ndcg(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
-    """(K,) NDCG at every cutoff 1..K, averaged over users.
+    """(n, K) NDCG at every cutoff 1..K.
 
     IDCG@k sums the ideal gains over the first min(pos_len, k) ranks.
     """
@@ -397,11 +400,11 @@ def _ndcg(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
     cutoff = np.minimum(np.arange(n_ranks)[None, :], np.minimum(pos_len, n_ranks)[:, None] - 1)
     idcg = ideal[cutoff]  # (n, K)
     dcg = np.cumsum(np.where(hits, gains, 0.0), axis=1)
-    return (dcg / idcg).mean(axis=0)
+    return dcg / idcg
 
 
 def _map(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
-    """(K,) MAP at every cutoff 1..K, averaged over users.
+    """(n, K) average precision at every cutoff 1..K (MAP is its mean over users).
 
     AP@k = sum of precision@r over hit ranks r <= k, divided by min(pos_len, k).
     """
@@ -410,7 +413,7 @@ def _map(hits: np.ndarray, pos_len: np.ndarray) -> np.ndarray:
     prec = np.cumsum(hits, axis=1) / ranks
     sum_prec = np.cumsum(prec * hits.astype(np.float64), axis=1)
     denom = np.minimum(ranks[None, :], pos_len[:, None])
-    return (sum_prec / denom).mean(axis=0)
+    return sum_prec / denom
 
 
 _METRIC_FNS = {'recall': _recall, 'ndcg': _ndcg, 'precision': _precision, 'map': _map}
@@ -420,6 +423,41 @@ def _round4(value: np.floating) -> float:
     """Rounds like the reference: builtin `round` on a numpy float64 (numpy's rounding rule,
     which can differ from Python's on exact decimal ties such as 0.11115)."""
     return float(round(np.float64(value), 4))
+
+
+def per_user_curves(hits: np.ndarray, pos_len: np.ndarray, *,
+                    metrics: Sequence[str] = DEFAULT_METRICS,
+                    recall_denominator: str = 'test_items') -> Dict[str, np.ndarray]:
+    """{metric: (n_eval, K) float64 per-user values at every cutoff 1..K} of a hit matrix.
+
+    Args: as `topk_metrics`.
+    """
+    hits = np.asarray(hits, bool)
+    pos_len = np.asarray(pos_len, np.int64).reshape(-1)
+    if hits.ndim != 2 or hits.shape[0] != pos_len.shape[0]:
+        raise ValueError(f'hits {hits.shape} and pos_len {pos_len.shape} disagree')
+    if hits.shape[0] == 0:
+        raise ValueError('no users to evaluate')
+    if (pos_len < 1).any():
+        raise ValueError('every evaluated user needs at least one item in the split')
+    if recall_denominator not in RECALL_DENOMINATORS:
+        raise ValueError(f'config field eval.recall_denominator = {recall_denominator!r}; '
+                         f'expected one of {RECALL_DENOMINATORS}')
+    fns = dict(_METRIC_FNS)
+    if recall_denominator == 'min_k_test_items':
+        fns['recall'] = _recall_min_k
+    curves = {}
+    for metric in metrics:
+        name = metric.lower()
+        if name not in _METRIC_FNS:
+            raise ValueError(f'unknown metric {metric!r}; expected one of {sorted(_METRIC_FNS)}')
+        curves[name] = fns[name](hits, pos_len)
+    return curves
+
+
+def _check_cutoffs(ks: Sequence[int], n_ranks: int) -> None:
+    if max(ks) > n_ranks or min(ks) < 1:
+        raise ValueError(f'cutoffs {tuple(ks)} must be in [1, {n_ranks}]')
 
 
 def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
@@ -438,31 +476,26 @@ def topk_metrics(hits: np.ndarray, pos_len: np.ndarray, *,
     Returns:
       {'<metric>@<k>': value} in the order metrics x ks, each rounded to 4 decimals.
     """
-    hits = np.asarray(hits, bool)
-    pos_len = np.asarray(pos_len, np.int64).reshape(-1)
-    if hits.ndim != 2 or hits.shape[0] != pos_len.shape[0]:
-        raise ValueError(f'hits {hits.shape} and pos_len {pos_len.shape} disagree')
-    if hits.shape[0] == 0:
-        raise ValueError('no users to evaluate')
-    if (pos_len < 1).any():
-        raise ValueError('every evaluated user needs at least one item in the split')
-    if max(ks) > hits.shape[1] or min(ks) < 1:
-        raise ValueError(f'cutoffs {tuple(ks)} must be in [1, {hits.shape[1]}]')
-    if recall_denominator not in RECALL_DENOMINATORS:
-        raise ValueError(f'config field eval.recall_denominator = {recall_denominator!r}; '
-                         f'expected one of {RECALL_DENOMINATORS}')
-    fns = dict(_METRIC_FNS)
-    if recall_denominator == 'min_k_test_items':
-        fns['recall'] = _recall_min_k
-    result = {}
-    for metric in metrics:
-        name = metric.lower()
-        if name not in _METRIC_FNS:
-            raise ValueError(f'unknown metric {metric!r}; expected one of {sorted(_METRIC_FNS)}')
-        curve = fns[name](hits, pos_len)
+    return topk_metrics_and_users(hits, pos_len, metrics=metrics, ks=ks,
+                                  recall_denominator=recall_denominator)[0]
+
+
+def topk_metrics_and_users(hits: np.ndarray, pos_len: np.ndarray, *,
+                           metrics: Sequence[str] = DEFAULT_METRICS,
+                           ks: Sequence[int] = DEFAULT_KS,
+                           recall_denominator: str = 'test_items') -> tuple:
+    """(`topk_metrics`, {'<metric>@<k>': (n_eval,) float64 per-user values}): the reported
+    value of each metric is the mean of its per-user values, rounded to 4 decimals."""
+    curves = per_user_curves(hits, pos_len, metrics=metrics,
+                             recall_denominator=recall_denominator)
+    _check_cutoffs(ks, np.shape(hits)[1])
+    result, per_user = {}, {}
+    for name, curve in curves.items():
+        mean = curve.mean(axis=0)
         for k in ks:
-            result[f'{name}@{k}'] = _round4(curve[k - 1])
-    return result
+            result[f'{name}@{k}'] = _round4(mean[k - 1])
+            per_user[f'{name}@{k}'] = curve[:, k - 1].copy()
+    return result, per_user
 
 
 def evaluate_full_sort(user_emb, item_emb, split: EvalSplit, *,
@@ -523,16 +556,21 @@ def build_shared_ranking(split_users: Sequence[np.ndarray], split_items: Sequenc
 def evaluate_shared(user_emb, item_emb, shared: SharedRanking, splits: Sequence[EvalSplit], *,
                     metrics: Sequence[str] = DEFAULT_METRICS, ks: Sequence[int] = DEFAULT_KS,
                     batch_size: int = 512, partitioner=None, score=None,
-                    recall_denominator: str = 'test_items') -> Tuple[Dict[str, float], ...]:
+                    recall_denominator: str = 'test_items',
+                    per_user: bool = False) -> tuple:
     """`evaluate_full_sort` of every split in `splits` (the splits `shared` was built from, in
-    the same order) from one ranking of their users. Returns one metric dict per split."""
+    the same order) from one ranking of their users. Returns one metric dict per split; with
+    `per_user`, one (metric dict, per-user dict) pair per split (`topk_metrics_and_users`,
+    rows in `split.users` order)."""
     if len(splits) != len(shared.rows):
         raise ValueError(f'{len(splits)} splits for a ranking built from {len(shared.rows)}')
     topk = full_sort_topk(user_emb, item_emb, shared.ranked, k=max(ks), batch_size=batch_size,
                           partitioner=partitioner, score=score)
-    return tuple(topk_metrics(hit_matrix(topk[rows], split), split.pos_len, metrics=metrics,
-                              ks=ks, recall_denominator=recall_denominator)
-                 for rows, split in zip(shared.rows, splits))
+    outcomes = tuple(topk_metrics_and_users(hit_matrix(topk[rows], split), split.pos_len,
+                                            metrics=metrics, ks=ks,
+                                            recall_denominator=recall_denominator)
+                     for rows, split in zip(shared.rows, splits))
+    return outcomes if per_user else tuple(result for result, _ in outcomes)
 
 
 # ----------------------------------------------------------------------------------------------

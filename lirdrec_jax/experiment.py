@@ -7,8 +7,11 @@ Run directory layout (under `checkpoint.output_dir`):
   <run_name>/point-NNN/metrics.jsonl  one JSON line per epoch
   <run_name>/point-NNN/ckpt/{last,best}/<epochs done>/   orbax checkpoints
   <run_name>/point-NNN/ckpt/{unreadable,superseded}/     set aside on resume (checkpointing.py)
+  <run_name>/point-NNN/test_users.npz the test users' own metrics at the best valid epoch
+                                      (rundir.TEST_USERS_FILE; for significance tests)
   <run_name>/point-NNN/result.json    written when the point has finished
-  <run_name>/results.json             all points, the best one, the popularity baseline
+  <run_name>/results.json             all points, the best one, the popularity baseline, the
+                                      dataset's split (data.split_summary)
 
 Every point runs on all devices (`parallel` section). With `sweep.mode = 'vmapped'`, points
 that differ only in numeric hyper-parameters train side by side in one compiled program
@@ -185,7 +188,7 @@ def _train_run(cfg, points, prepared, workdir: Path, resume: bool,
         results = [by_index[point.index] for point in points]
     else:
         results = [_run_point(point, context) for point in points]
-    summary = _summarise(cfg, results, popularity)
+    summary = _summarise(cfg, results, popularity, data_lib.split_summary(dataset))
     if partitioner.is_primary:
         reporting.write_json(workdir / 'results.json', summary)
         _print_summary(cfg, summary)
@@ -273,7 +276,7 @@ def _run_group(group, ctx: _RunContext) -> dict:
     return results
 
 
-def _summarise(cfg, results, popularity) -> dict:
+def _summarise(cfg, results, popularity, data_summary: dict) -> dict:
     metric = cfg.eval.valid_metric.lower()
     scored = [r for r in results if r.get('best_valid')]
     best = max(scored, key=lambda r: r['best_valid'][metric]) if scored else None
@@ -281,7 +284,7 @@ def _summarise(cfg, results, popularity) -> dict:
             'hyper_parameters': list(cfg.hyper_parameters), 'valid_metric': metric,
             'points': [{k: v for k, v in r.items() if k != 'history'} for r in results],
             'best_point': None if best is None else best['index'],
-            'popularity': popularity,
+            'popularity': popularity, 'data': data_summary,
             'finished': all(r['finished'] for r in results)}
 
 

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 
 def log(message: str) -> None:
     """One progress line on stdout, flushed at once (runs are watched live, e.g. on Colab)."""
@@ -85,6 +87,15 @@ def write_json_lines(path: Path, payloads: Iterable[Any]) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(''.join(json.dumps(p, sort_keys=True) + '\n' for p in payloads))
+    os.replace(tmp, path)
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    """Write numpy arrays to an .npz atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 LOCK_NAME = 'run.lock'
+# Per-user test metrics of a point at its best valid epoch (written when the point finishes);
+# while it trains, the candidates of its best epochs so far are `test_users.epoch-NNNNN.npz`.
+TEST_USERS_FILE = 'test_users.npz'
+TEST_USERS_CANDIDATE = 'test_users.epoch-'
 # The holder refreshes the lock's modification time every HEARTBEAT_SECONDS; a lock of another
 # host not refreshed for STALE_SECONDS is taken over.
 HEARTBEAT_SECONDS = 30.0

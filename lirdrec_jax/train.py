@@ -18,6 +18,7 @@ one device gives the same computation as plain `jit`). The speed options of a ru
 (`RunOptions`: sparse product, scanned epochs, CPU GEMM kernels) are read from the config once.
 """
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from lirdrec_jax import evaluation, graph, models, optim, parallel, reporting, sampling
+from lirdrec_jax.rundir import TEST_USERS_CANDIDATE, TEST_USERS_FILE
 from lirdrec_jax.checkpointing import RunCheckpoints
 from lirdrec_jax.data import MMRecDataset
 from lirdrec_jax.models import base
@@ -394,16 +396,29 @@ def early_stopping(progress: Progress, score: float, stopping_step: int) -> tupl
 
 
 def evaluate_splits(user_emb, item_emb, data: PreparedData, e,
-                    partitioner: parallel.Partitioner) -> tuple:
+                    partitioner: parallel.Partitioner, per_user: bool = False) -> tuple:
     """(valid, test) metric dicts of one pair of embeddings (one shared ranking of their
     users: both splits mask the same training items, see `evaluation.SharedRanking`), scored
-    by the model's own `score` when it has one, else by the dot product."""
+    by the model's own `score` when it has one, else by the dot product. With `per_user`,
+    (valid, test, test users): the last is `test_users_arrays` of the test split."""
     ks, metrics = tuple(e.topk), tuple(m_.lower() for m_ in e.metrics)
-    return evaluation.evaluate_shared(
+    outcomes = evaluation.evaluate_shared(
         user_emb, item_emb, data.ranking, (data.valid, data.test), metrics=metrics, ks=ks,
         batch_size=int(e.batch_size), partitioner=partitioner,
         score=models.get_model(data.model_name).score,
-        recall_denominator=str(e.get('recall_denominator', 'test_items')))
+        recall_denominator=str(e.get('recall_denominator', 'test_items')), per_user=True)
+    (valid, _), (test, test_users) = outcomes
+    if not per_user:
+        return valid, test
+    return valid, test, test_users_arrays(data.test.users, test_users)
+
+
+def test_users_arrays(users: np.ndarray, per_user: dict) -> dict:
+    """What `test_users.npz` holds: 'users' (int64 ids, ascending) and each metric's per-user
+    values in that order."""
+    order = np.argsort(users, kind='stable')
+    return {'users': np.asarray(users, np.int64)[order],
+            **{key: np.asarray(values, np.float64)[order] for key, values in per_user.items()}}
 
 
 class PointFiles:
@@ -430,6 +445,24 @@ class PointFiles:
         if self.primary:
             reporting.append_json_line(self.workdir / 'metrics.jsonl', record)
 
+    def save_best_test_users(self, epoch: int, arrays: dict) -> None:
+        """The per-user test metrics of a new best epoch, as a candidate beside the point's
+        files; `finish_test_users` keeps the one of the final best epoch. Written before the
+        epoch's checkpoint, so the best epoch of any checkpoint has its file."""
+        if self.primary:
+            reporting.write_npz(self.workdir / f'{TEST_USERS_CANDIDATE}{epoch:05d}.npz',
+                      {'epoch': np.int64(epoch), **arrays})
+
+    def finish_test_users(self, best_epoch: int) -> None:
+        """`test_users.npz` := the best epoch's candidate; the other candidates go."""
+        if not self.primary:
+            return
+        candidate = self.workdir / f'{TEST_USERS_CANDIDATE}{best_epoch:05d}.npz'
+        if candidate.exists():
+            os.replace(candidate, self.workdir / TEST_USERS_FILE)
+        for stale in self.workdir.glob(f'{TEST_USERS_CANDIDATE}*.npz'):
+            stale.unlink()
+
     def restart_metrics(self, history: List[dict]) -> None:
         """metrics.jsonl := exactly the epochs of `history` (the checkpoint resumed from, or
         none for a fresh start), so that every epoch appears once however often the run was
@@ -453,11 +486,12 @@ def record_epoch(progress: Progress, cfg, epoch: int, learning_rate: float, loss
     improved = False
     if (epoch + 1) % int(t.eval_step) == 0:
         t1 = time.perf_counter()
-        valid, test = evaluate()
+        valid, test, test_users = evaluate()
         eval_seconds = time.perf_counter() - t1
         improved, stop = early_stopping(progress, valid[metric], int(t.stopping_step))
         if improved:
             progress.best_epoch, progress.best_valid, progress.best_test = epoch, valid, test
+            files.save_best_test_users(epoch, test_users)
         progress.stopped_early = stop
         record.update(valid=valid, test=test, eval_seconds=eval_seconds)
         files.log(reporting.epoch_line(epoch, loss, train_seconds, eval_seconds, valid, test,
@@ -654,9 +688,12 @@ def train_points(cfgs: Sequence, data: PreparedData, workdirs: Sequence[Path], *
     slots = [i for i, p in enumerate(points) if p.active]
     if slots:
         _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped)
-    for p in points:
+    results = [p.result() for p in points]
+    for p, result in zip(points, results):
         p.files.close()
-    return [p.result() for p in points]
+        if result['finished'] and not result.get('diverged'):
+            p.files.finish_test_users(result['best_epoch'])
+    return results
 
 
 def _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped) -> None:
@@ -766,7 +803,7 @@ def _end_point_epoch(p: _Point, view: tuple, fns: EpochFns, train_seconds: float
     def evaluate():
         users, items = fns.eval_embeddings(state.params, state.carry, frozen, epoch_inputs,
                                            scalars)
-        return evaluate_splits(users, items, data, cfg.eval, partitioner)
+        return evaluate_splits(users, items, data, cfg.eval, partitioner, per_user=True)
 
     record, improved = record_epoch(p.progress, cfg, epoch, p.learning_rate, loss,
                                     train_seconds, evaluate, p.files)

@@ -110,6 +110,25 @@ def test_topk_metrics_hand_computed():
     assert got == expected
 
 
+def test_per_user_values_hand_computed():
+    """The per-user values behind the averages above (same three users), unrounded, and the
+    reported metrics are their means."""
+    hits = np.array([[1, 0, 1], [0, 1, 1], [0, 0, 0]], bool)
+    pos_len = np.array([2, 5, 1])
+    reported, per_user = evaluation.topk_metrics_and_users(hits, pos_len, ks=(1, 3),
+                                                           metrics=('recall', 'ndcg'))
+    g2, g3 = 1 / math.log2(3), 0.5
+    expected = {'recall@1': [0.5, 0.0, 0.0], 'recall@3': [1.0, 0.4, 0.0],
+                'ndcg@1': [1.0, 0.0, 0.0],
+                'ndcg@3': [(1 + g3) / (1 + g2), (g2 + g3) / (1 + g2 + g3), 0.0]}
+    assert sorted(per_user) == sorted(expected)
+    for key, values in expected.items():
+        np.testing.assert_allclose(per_user[key], values, rtol=1e-12, atol=0)
+        assert reported[key] == round(float(np.mean(values)), 4)
+    assert reported == evaluation.topk_metrics(hits, pos_len, ks=(1, 3),
+                                               metrics=('recall', 'ndcg'))
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Against the slow reference
 # ----------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configs import test as test_config
 from lirdrec_jax import cli, experiment, synthetic, train
+from lirdrec_jax import data as data_lib
 from tests.conftest import COMPILATION_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +167,47 @@ def test_interrupted_grid_resumes_to_the_same_results(data_dir, full_grid, tmp_p
     assert resumed['finished']
     assert strip(resumed) == strip(full)
     assert len(full['points']) == 2 and full['best_point'] in (0, 1)
+    full_dir = Path(full_grid[0].checkpoint.output_dir) / 'run'
+    for point in ('point-000', 'point-001'):
+        assert read_npz(tmp_path / 'run' / point / 'test_users.npz') == read_npz(
+            full_dir / point / 'test_users.npz')
+
+
+def read_npz(path):
+    with np.load(path) as arrays:
+        return {key: arrays[key].tolist() for key in arrays.files}
+
+
+def test_per_user_test_metrics_of_the_best_epoch_beside_each_result(data_dir, full_grid):
+    """Each finished point keeps its test users' own metrics at the best valid epoch: the users
+    of the test split, and values whose means are the reported test metrics; results.json names
+    the split they belong to."""
+    cfg, summary = full_grid
+    dataset = experiment.load_dataset(cfg.data)
+    run_dir = Path(cfg.checkpoint.output_dir) / 'run'
+    assert summary['data'] == data_lib.split_summary(dataset)
+    assert json.loads((run_dir / 'results.json').read_text())['data'] == summary['data']
+    for point in summary['points']:
+        point_dir = run_dir / f'point-{point["index"]:03d}'
+        saved = read_npz(point_dir / 'test_users.npz')
+        assert saved.pop('users') == np.unique(dataset.test.users).tolist()
+        assert saved.pop('epoch') == point['best_epoch']
+        assert sorted(saved) == sorted(point['best_test'])
+        for key, values in saved.items():
+            # Within the 4-decimal rounding of the reported value (a mean that lands on a
+            # decimal tie may round either way depending on the order of summation).
+            assert abs(np.mean(values) - point['best_test'][key]) <= 5e-5 + 1e-12
+        assert sorted(p.name for p in point_dir.glob('test_users*')) == ['test_users.npz']
+
+
+def test_the_split_hash_tells_splits_apart(data_dir):
+    dataset = experiment.load_dataset(small_config(data_dir, data_dir).data)
+    moved = dataset.test._replace(items=np.roll(dataset.test.items, 1))
+    base, other = (data_lib.split_summary(d) for d in (dataset, dataset._replace(test=moved)))
+    assert base == data_lib.split_summary(dataset)
+    assert base['split_sha256'] != other['split_sha256']
+    assert {k: v for k, v in base.items() if k != 'split_sha256'} == {
+        k: v for k, v in other.items() if k != 'split_sha256'}
 
 
 def test_finished_points_are_not_trained_again_on_resume(data_dir, full_grid, tmp_path,

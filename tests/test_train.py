@@ -380,11 +380,12 @@ def test_evaluation_every_eval_step_epochs_and_early_stopping_counts_evaluations
     scores = iter([0.1, 0.2, 0.15, 0.15, 0.3, 0.4])
     evaluated = []
 
-    def scripted(user_emb, item_emb, data, e, partitioner):
+    def scripted(user_emb, item_emb, data, e, partitioner, per_user=False):
         score = next(scores)
         evaluated.append(score)
         split = {f'{m}@{k}': score for m in e.metrics for k in e.topk}
-        return split, {k: v / 2 for k, v in split.items()}
+        users = {'users': np.arange(3), **{k: np.full(3, v / 2) for k, v in split.items()}}
+        return split, {k: v / 2 for k, v in split.items()}, users
 
     monkeypatch.setattr(train, 'evaluate_splits', scripted)
     cfg = point_config(epochs=12, stopping_step=1, eval_step=2)
@@ -398,3 +399,7 @@ def test_evaluation_every_eval_step_epochs_and_early_stopping_counts_evaluations
     assert [r['epoch'] for r in records if 'valid' in r] == [1, 3, 5, 7]
     # The best checkpoint is the one after epoch 3 (4 epochs done).
     assert [p.name for p in (tmp_path / 'ckpt' / 'best').iterdir() if p.name.isdigit()] == ['4']
+    # The per-user test values kept are those of the best epoch (0.2 / 2), and only they.
+    with np.load(tmp_path / 'test_users.npz') as saved:
+        assert int(saved['epoch']) == 3 and np.all(saved['recall@20'] == 0.1)
+    assert sorted(p.name for p in tmp_path.glob('test_users*')) == ['test_users.npz']
