@@ -60,6 +60,7 @@ def base(model_name: str, learning_rate: float) -> ml_collections.ConfigDict:
     c.checkpoint.output_dir = 'checkpoints'
     c.checkpoint.run_name = ''      # '' = <model>-<dataset>-<timestamp> (resume: the latest such)
     c.checkpoint.keep_last = 2
+    c.checkpoint.tensorboard = True  # TensorBoard event files per point (lirdrec_jax/curves.py)
     c.resume = False
 
     c.hyper_parameters = ('train.seed',)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lirdrec_jax import evaluation, graph, models, optim, parallel, reporting, sampling
+from lirdrec_jax import curves, evaluation, graph, models, optim, parallel, reporting, sampling
 from lirdrec_jax.rundir import TEST_USERS_CANDIDATE, TEST_USERS_FILE
 from lirdrec_jax.checkpointing import RunCheckpoints
 from lirdrec_jax.data import MMRecDataset
@@ -426,9 +426,11 @@ class PointFiles:
     multi-process run only the primary process writes files and logs (all of them take part in
     saving checkpoints, which orbax coordinates)."""
 
-    def __init__(self, workdir: Path, keep_last: int, primary: bool = True, label: str = ''):
+    def __init__(self, workdir: Path, keep_last: int, primary: bool = True, label: str = '',
+                 tensorboard: bool = True):
         self.workdir, self.primary, self.label = Path(workdir), primary, label
         self.checkpoints = RunCheckpoints(self.workdir / 'ckpt', keep_last)
+        self.curves = curves.PointCurves(self.workdir, enabled=primary and tensorboard)
 
     def log(self, message: str) -> None:
         if self.primary:
@@ -444,6 +446,7 @@ class PointFiles:
                               improved)
         if self.primary:
             reporting.append_json_line(self.workdir / 'metrics.jsonl', record)
+            self.curves.write(record)
 
     def save_best_test_users(self, epoch: int, arrays: dict) -> None:
         """The per-user test metrics of a new best epoch, as a candidate beside the point's
@@ -469,9 +472,11 @@ class PointFiles:
         interrupted."""
         if self.primary:
             reporting.write_json_lines(self.workdir / 'metrics.jsonl', history)
+            self.curves.restart(history)
 
     def close(self) -> None:
         self.checkpoints.close()
+        self.curves.close()
 
 
 def record_epoch(progress: Progress, cfg, epoch: int, learning_rate: float, loss: float,
@@ -613,6 +618,7 @@ class _Point:
         self.cfg, self.setup, self.label = cfg, setup, label
         self.progress = Progress(epochs_done=0, model_state=setup.model.host_init(cfg.model))
         self.files = PointFiles(workdir, int(cfg.checkpoint.keep_last), primary,
+                                tensorboard=bool(cfg.checkpoint.get('tensorboard', True)),
                                 label=f'[{label}] ' if label else '')
         self.diverged: Optional[str] = None
         self.learning_rate = 0.0
