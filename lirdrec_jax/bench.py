@@ -163,7 +163,7 @@ def _time_epochs(cfg, data, partitioner, n_epochs: int) -> dict:
     t = time.perf_counter()
     if setup.options.scan_epoch:
         fns.epoch.lower(state, train.place_batches(partitioner, batches), frozen, inputs,
-                        scalars, key, None).compile()
+                        scalars, key, None, jax.numpy.int32(0)).compile()
     else:
         first = train.place_batches(partitioner, batches)
         fns.step.lower(state, type(first)(*(a[0] for a in first)), frozen, inputs, scalars, key,
@@ -176,7 +176,7 @@ def _time_epochs(cfg, data, partitioner, n_epochs: int) -> dict:
         t = time.perf_counter()
         state = fns.start_epoch(state, None)
         state, _ = train.run_epoch(fns, state, batches, frozen, inputs, scalars, key, None, e,
-                                   partitioner, setup.options.scan_epoch)
+                                   partitioner, setup.options.scan_epoch, show_progress=False)
         epochs.append(time.perf_counter() - t)
     evals = []
     for _ in range(EVAL_REPEATS + 1):  # the first includes compiling the ranking

@@ -12,7 +12,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from lirdrec_jax import mmrec_files
+from lirdrec_jax import mmrec_files, progress
 # DataError is defined next to the parsing that raises most of them; it is part of this
 # module's interface too (`from lirdrec_jax.data import DataError`).
 from lirdrec_jax.mmrec_files import DataError
@@ -154,12 +154,17 @@ def load_mmrec(data_dir, name: str, *, image_file: str = 'image_feat.npy',
     kw = dict(image_file=image_file, text_file=text_file)
     if mmrec_files.cache_is_fresh(dataset_dir, name, cache, **kw):
         return read_cache(cache, name)
-    arrays = mmrec_files.convert_arrays(dataset_dir, name, **kw)
-    try:
-        mmrec_files.write_cache(cache, arrays)
-    except mmrec_files.CacheWriteError as e:
-        # A warning, not an error: the run has its arrays, only the next run's shortcut is lost.
-        mmrec_files.warn(f'{e}; this run continues without it')
+    with progress.bar(2, f'converting {name} (reading, checking)', unit='step') as steps:
+        arrays = mmrec_files.convert_arrays(dataset_dir, name, **kw)
+        steps.set_description(f'converting {name} (writing the cache)')
+        steps.update()
+        try:
+            mmrec_files.write_cache(cache, arrays)
+        except mmrec_files.CacheWriteError as e:
+            # A warning, not an error: the run has its arrays, only the next run's shortcut is
+            # lost.
+            mmrec_files.warn(f'{e}; this run continues without it')
+        steps.update()
     return dataset_from_arrays(arrays, name, cache)
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lirdrec_jax import parallel
+from lirdrec_jax import parallel, progress
 
 DEFAULT_METRICS: Tuple[str, ...] = ('recall', 'ndcg', 'precision', 'map')
 DEFAULT_KS: Tuple[int, ...] = (5, 10, 20, 50)
@@ -333,8 +333,14 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
         blocks = (users[g:g + n_dev].reshape(-1), rows[g:g + n_dev], cols[g:g + n_dev])
         outs.append(ranked(user_emb, item_emb, order,
                            *(partitioner.split(a, 0) for a in blocks)))
-    topk = np.concatenate([partitioner.to_host(o) for o in outs], axis=0)
-    return topk[:split.n_eval]
+    with progress.bar(split.n_eval, 'evaluation', unit='user') as done:
+        host, rows_done = [], 0
+        for o in outs:  # dispatched above; each block is waited for here
+            host.append(partitioner.to_host(o))
+            real = min(host[-1].shape[0], split.n_eval - rows_done)  # without the padding
+            rows_done += real
+            done.update(real)
+    return np.concatenate(host, axis=0)[:split.n_eval]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from typing import Callable, NamedTuple, Optional
 import ml_collections
 
 from lirdrec_jax import data as data_lib
-from lirdrec_jax import (evaluation, grid, model_inputs, models, parallel, reporting, rundir,
-                         storage, sweep, train)
+from lirdrec_jax import (evaluation, grid, model_inputs, models, parallel, progress, reporting,
+                         rundir, storage, sweep, train)
 
 # Keys whose change between the interrupted and the resumed run is harmless: where the run
 # writes, and how it is spread over devices and sweep groups (the same numbers up to float32
@@ -181,13 +181,19 @@ def _train_run(cfg, points, prepared, workdir: Path, resume: bool,
 
     context = _RunContext(len(points), prepared, workdir, resume, stop_after_epochs,
                           partitioner, log)
-    if cfg.sweep.mode == 'vmapped':
-        by_index = {}
-        for group in sweep.group_points(points, int(cfg.sweep.max_points)):
-            by_index.update(_run_group(group, context))
-        results = [by_index[point.index] for point in points]
-    else:
-        results = [_run_point(point, context) for point in points]
+    with progress.bar(len(points), 'grid', unit='point', leave=True,
+                      shown=len(points) > 1) as points_bar:
+        if cfg.sweep.mode == 'vmapped':
+            by_index = {}
+            for group in sweep.group_points(points, int(cfg.sweep.max_points)):
+                by_index.update(_run_group(group, context))
+                points_bar.update(len(group))
+            results = [by_index[point.index] for point in points]
+        else:
+            results = []
+            for point in points:
+                results.append(_run_point(point, context))
+                points_bar.update()
     summary = _summarise(cfg, results, popularity, data_lib.split_summary(dataset))
     if partitioner.is_primary:
         reporting.write_json(workdir / 'results.json', summary)

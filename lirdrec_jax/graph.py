@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+
+from lirdrec_jax import progress
 from jax.experimental import sparse as jsparse
 
 # The reference adds this to every degree before the inverse square root, so isolated nodes
@@ -257,8 +259,11 @@ def _knn_indices(features: np.ndarray, k: int, block_rows: int = 2048) -> np.nda
     x = jnp.asarray(features, jnp.float32)
     unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     out = []
-    for start in range(0, unit.shape[0], block_rows):
-        out.append(np.asarray(_block_topk(unit[start:start + block_rows], unit, k)))
+    starts = range(0, unit.shape[0], block_rows)
+    with progress.bar(len(starts), f'kNN graph (k={k})', unit='block') as blocks:
+        for start in starts:
+            out.append(np.asarray(_block_topk(unit[start:start + block_rows], unit, k)))
+            blocks.update()
     return np.concatenate(out, axis=0).astype(np.int32)
 
 
@@ -346,10 +351,13 @@ def cosine_knn(features: np.ndarray, k: int, block_rows: int = 0) -> Tuple[np.nd
     x = jnp.asarray(features, jnp.float32)
     unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     values, indices = [], []
-    for start in range(0, n, block):
-        v, i = _block_topk_values(unit[start:start + block], unit, k)
-        values.append(np.asarray(v))
-        indices.append(np.asarray(i))
+    starts = range(0, n, block)
+    with progress.bar(len(starts), f'kNN graph (k={k})', unit='block') as blocks:
+        for start in starts:
+            v, i = _block_topk_values(unit[start:start + block], unit, k)
+            values.append(np.asarray(v))
+            indices.append(np.asarray(i))
+            blocks.update()
     return np.concatenate(values), np.concatenate(indices).astype(np.int32)
 
 

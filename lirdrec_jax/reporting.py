@@ -1,40 +1,18 @@
 """Everything the user sees while a run progresses: progress lines, tables, JSON files."""
 import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from lirdrec_jax import progress
+
 
 def log(message: str) -> None:
-    """One progress line on stdout, flushed at once (runs are watched live, e.g. on Colab)."""
-    print(message, flush=True)
-
-
-class BatchProgress:
-    """Prints `epoch E: b/B batches [t s]` during long epochs: at most one line every `every`
-    seconds, so a fast epoch prints nothing and a log file does not fill with batch lines.
-
-    Checking the time needs the step's result on the host (`block_until_ready`); the caller
-    does that only when `should_report()` says a report may be due, i.e. every `check_every` batches.
-    """
-
-    def __init__(self, epoch: int, n_batches: int, every: float = 10.0, check_every: int = 5):
-        self.epoch, self.n_batches, self.every, self.check_every = epoch, n_batches, every, check_every
-        self.start = self.last = time.perf_counter()
-
-    def should_report(self, batch_index: int) -> bool:
-        return (batch_index + 1) % self.check_every == 0 and batch_index + 1 < self.n_batches
-
-    def report(self, batch_index: int) -> None:
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            print(f'  epoch {self.epoch}: {batch_index + 1}/{self.n_batches} batches '
-                  f'[{now - self.start:.1f}s]', file=sys.stderr, flush=True)
+    """One progress line on stdout, flushed at once (runs are watched live, e.g. on Colab),
+    above any progress bar on screen."""
+    progress.write(message)
 
 
 def epoch_line(epoch: int, loss: float, train_seconds: float, eval_seconds: float,

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lirdrec_jax import curves, evaluation, graph, models, optim, parallel, reporting, sampling
+from lirdrec_jax import (curves, evaluation, graph, models, optim, parallel, progress, reporting,
+                         sampling)
 from lirdrec_jax.rundir import TEST_USERS_CANDIDATE, TEST_USERS_FILE
 from lirdrec_jax.checkpointing import RunCheckpoints
 from lirdrec_jax.data import MMRecDataset
@@ -305,7 +306,7 @@ class EpochFns(NamedTuple):
     group's `active` mask last (ignored for a single point)."""
     start_epoch: Callable    # (state, active) -> state
     step: Callable           # (state, batch, frozen, epoch_inputs, scalars, key, index, active)
-    epoch: Callable          # (state, batches, frozen, epoch_inputs, scalars, key, active)
+    epoch: Callable          # (state, batches, frozen, epoch_inputs, scalars, key, active, first)
     eval_embeddings: Callable  # (params, carry, frozen, epoch_inputs, scalars) -> (users, items)
 
 
@@ -330,14 +331,15 @@ def make_epoch_fns(setup: PointSetup, partitioner: parallel.Partitioner, eval_mo
                                                      None, 0))
         point_start = jax.vmap(lambda s, active: _masked(lambda x: (start(x), ()))(s, active)[0])
 
-    def epoch(state, batches, frozen, epoch_inputs, scalars, key, active):
+    def epoch(state, batches, frozen, epoch_inputs, scalars, key, active, first):
+        """The batches `first`, `first + 1`, ... of an epoch (all of them, or one chunk)."""
         n = jax.tree.leaves(batches)[0].shape[0]
 
         def body(s, xs):
             b, i = xs
             return point_step(s, b, frozen, epoch_inputs, scalars, key, i, active)
 
-        return jax.lax.scan(body, state, (batches, jnp.arange(n)))
+        return jax.lax.scan(body, state, (batches, first + jnp.arange(n, dtype=jnp.int32)))
 
     def embeddings(params, carry, frozen, epoch_inputs, scalars):
         return model.eval_embeddings(net, params, carry, frozen, epoch_inputs, scalars,
@@ -359,26 +361,54 @@ def summed_loss(step_losses: np.ndarray, epoch: int) -> float:
     return float(step_losses.sum())
 
 
+# An epoch scan is split into this many dispatches while a progress bar is on screen (and the
+# epoch has at least SCAN_CHUNK_MIN_BATCHES batches), so that the bar can move; the chunks run
+# the same compiled loop body over the same batch indices, so the results do not change.
+SCAN_CHUNKS = 10
+SCAN_CHUNK_MIN_BATCHES = 20
+
+
+def scan_chunks(n_batches: int, split: bool) -> List[tuple]:
+    """[(first, stop)] batch ranges of an epoch's scan dispatches: one, or about SCAN_CHUNKS
+    of at most two lengths (each length is compiled once)."""
+    if not split or n_batches < SCAN_CHUNK_MIN_BATCHES:
+        return [(0, n_batches)]
+    size = -(-n_batches // SCAN_CHUNKS)
+    return [(a, min(a + size, n_batches)) for a in range(0, n_batches, size)]
+
+
 def run_epoch(fns: EpochFns, state: TrainState, batches, frozen, epoch_inputs, scalars, key,
-              active, epoch: int, partitioner: parallel.Partitioner, scan: bool) -> tuple:
-    """All batches of one epoch (placed here), in one compiled scan or one dispatch per batch
-    (with progress lines). Returns (state, (n_batches, ...) host losses)."""
-    on_device = place_batches(partitioner, batches)
-    if scan:
-        state, losses = fns.epoch(state, on_device, frozen, epoch_inputs, scalars, key, active)
-        return state, partitioner.to_host(losses)
+              active, epoch: int, partitioner: parallel.Partitioner, scan: bool,
+              show_progress: bool = True) -> tuple:
+    """All batches of one epoch (placed here), in compiled scans or one dispatch per batch,
+    with a progress bar when one is shown (`show_progress` and `progress.bars_enabled()`; a
+    benchmark passes False: one dispatch, no waits). Returns (state, (n_batches, ...) host
+    losses)."""
     n_batches = jax.tree.leaves(batches)[0].shape[0]
-    progress = reporting.BatchProgress(epoch, n_batches)
-    step_losses = []
-    for b in range(n_batches):
-        batch = type(on_device)(*(a[b] for a in on_device))
-        state, loss = fns.step(state, batch, frozen, epoch_inputs, scalars, key, jnp.int32(b),
-                               active)
-        step_losses.append(loss)
-        if progress.should_report(b):
-            loss.block_until_ready()
-            progress.report(b)
-    return state, partitioner.to_host(jnp.stack(step_losses))
+    with progress.bar(n_batches, f'epoch {epoch}', unit='batch', shown=show_progress) as bar:
+        if scan:
+            losses = []
+            for first, stop in scan_chunks(n_batches, not bar.disable):
+                chunk = place_batches(partitioner, type(batches)(*(a[first:stop]
+                                                                   for a in batches)))
+                state, chunk_losses = fns.epoch(state, chunk, frozen, epoch_inputs, scalars, key,
+                                                active, jnp.int32(first))
+                losses.append(chunk_losses)
+                if not bar.disable:
+                    chunk_losses.block_until_ready()
+                    bar.update(stop - first)
+            return state, np.concatenate([partitioner.to_host(l) for l in losses])
+        on_device = place_batches(partitioner, batches)
+        step_losses = []
+        for b in range(n_batches):
+            batch = type(on_device)(*(a[b] for a in on_device))
+            state, loss = fns.step(state, batch, frozen, epoch_inputs, scalars, key,
+                                   jnp.int32(b), active)
+            step_losses.append(loss)
+            if not bar.disable:
+                loss.block_until_ready()
+                bar.update()
+        return state, partitioner.to_host(jnp.stack(step_losses))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,69 +748,88 @@ def _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped) ->
     fns_of = {}     # per (slots, epoch-input axes): EpochFns
 
     rounds = 0
-    while slots:
-        if stop_after_epochs is not None and rounds >= stop_after_epochs:
-            break
-        t0 = time.perf_counter()
-        epoch = points[slots[0]].progress.epochs_done
-        scalars, batches, epoch_inputs, keys = [], [], [], []
-        for i in slots:
-            p = points[i]
-            e = p.progress.epochs_done
-            p.progress.model_state, sc = epoch_scalars(model, p.cfg, p.progress.model_state, e)
-            p.learning_rate = sc['learning_rate']
-            scalars.append(sc)
-            keys.append(jax.random.fold_in(p.setup.epoch_key, e))
-            batches.append(sampling.batch_kind(model.batch_kind).draw(
-                sampling.epoch_rng(int(p.cfg.train.seed), e), data.sampler,
-                int(p.cfg.train.batch_size)))
-            epoch_inputs.append(place_epoch_inputs(
-                partitioner, model.epoch_inputs(data.model, p.cfg.model, keys[-1], e), options))
-        if not vmapped:
-            frozen, frozen_axes, ei, ei_axes = s0.frozen, None, epoch_inputs[0], None
-            sc = partitioner.replicate(device_scalars(scalars[0]))
-            key, active, stacked = partitioner.replicate(keys[0]), None, batches[0]
-            if None not in fns_of:
-                fns_of[None] = make_epoch_fns(s0, partitioner, eval_mode)
-            fns = fns_of[None]
+    remaining = max(int(points[i].cfg.train.epochs) - points[i].progress.epochs_done
+                    for i in slots)
+    with progress.bar(remaining, 'training', unit='epoch') as epochs_bar:
+        while slots and (stop_after_epochs is None or rounds < stop_after_epochs):
+            slots, state = _run_round(points, slots, state, data, partitioner, vmapped,
+                                      model, options, eval_mode, frozen_of, fns_of)
+            rounds += 1
+            epochs_bar.update()
+            epochs_bar.set_postfix_str(_bar_postfix([points[i] for i in slots] or points))
+
+
+def _bar_postfix(points) -> str:
+    """The best valid score so far of the points still training, for the epochs bar."""
+    scores = [p.progress.best_valid_score for p in points if p.progress.best_valid is not None]
+    metric = points[0].cfg.eval.valid_metric.lower()
+    return f'best valid {metric} {max(scores):.4f}' if scores else ''
+
+
+def _run_round(points, slots, state, data, partitioner, vmapped, model, options, eval_mode,
+               frozen_of, fns_of) -> tuple:
+    """One epoch of every active point of `slots`; returns (slots still active, group state)."""
+    s0 = points[0].setup
+    t0 = time.perf_counter()
+    epoch = points[slots[0]].progress.epochs_done
+    scalars, batches, epoch_inputs, keys = [], [], [], []
+    for i in slots:
+        p = points[i]
+        e = p.progress.epochs_done
+        p.progress.model_state, sc = epoch_scalars(model, p.cfg, p.progress.model_state, e)
+        p.learning_rate = sc['learning_rate']
+        scalars.append(sc)
+        keys.append(jax.random.fold_in(p.setup.epoch_key, e))
+        batches.append(sampling.batch_kind(model.batch_kind).draw(
+            sampling.epoch_rng(int(p.cfg.train.seed), e), data.sampler,
+            int(p.cfg.train.batch_size)))
+        epoch_inputs.append(place_epoch_inputs(
+            partitioner, model.epoch_inputs(data.model, p.cfg.model, keys[-1], e), options))
+    if not vmapped:
+        frozen, frozen_axes, ei, ei_axes = s0.frozen, None, epoch_inputs[0], None
+        sc = partitioner.replicate(device_scalars(scalars[0]))
+        key, active, stacked = partitioner.replicate(keys[0]), None, batches[0]
+        if None not in fns_of:
+            fns_of[None] = make_epoch_fns(s0, partitioner, eval_mode)
+        fns = fns_of[None]
+    else:
+        if tuple(slots) not in frozen_of:
+            frozen, axes = stack_or_share([points[i].setup.frozen for i in slots])
+            frozen_of[tuple(slots)] = (_replicate_stacked(partitioner, frozen, axes), axes)
+        frozen, frozen_axes = frozen_of[tuple(slots)]
+        ei, ei_axes = stack_or_share(epoch_inputs)
+        ei = _replicate_stacked(partitioner, ei, ei_axes)
+        fns_key = (tuple(slots), str(ei_axes))
+        if fns_key not in fns_of:
+            fns_of[fns_key] = make_epoch_fns(s0, partitioner, eval_mode,
+                                             (frozen_axes, ei_axes))
+        fns = fns_of[fns_key]
+        sc = partitioner.replicate({k: jnp.asarray(np.array([s[k] for s in scalars],
+                                                            np.float64), jnp.float32)
+                                    for k in scalars[0]})
+        key = partitioner.replicate(jnp.stack(keys))
+        active = partitioner.replicate(jnp.asarray([points[i].active for i in slots]))
+        # (n_batches, points, batch): the scan runs over batches, vmap over points.
+        stacked = type(batches[0])(*(np.stack(a, axis=1) for a in zip(*batches)))
+    state = fns.start_epoch(state, active)
+    state, step_losses = run_epoch(fns, state, stacked, frozen, ei, sc, key, active, epoch,
+                                   partitioner, options.scan_epoch)
+    train_seconds = time.perf_counter() - t0
+    for slot, i in enumerate(slots):
+        if vmapped:
+            view = (take(state, slot), take(frozen, slot, frozen_axes),
+                    take(ei, slot, ei_axes), take(sc, slot), step_losses[:, slot])
         else:
-            if tuple(slots) not in frozen_of:
-                frozen, axes = stack_or_share([points[i].setup.frozen for i in slots])
-                frozen_of[tuple(slots)] = (_replicate_stacked(partitioner, frozen, axes), axes)
-            frozen, frozen_axes = frozen_of[tuple(slots)]
-            ei, ei_axes = stack_or_share(epoch_inputs)
-            ei = _replicate_stacked(partitioner, ei, ei_axes)
-            fns_key = (tuple(slots), str(ei_axes))
-            if fns_key not in fns_of:
-                fns_of[fns_key] = make_epoch_fns(s0, partitioner, eval_mode,
-                                                 (frozen_axes, ei_axes))
-            fns = fns_of[fns_key]
-            sc = partitioner.replicate({k: jnp.asarray(np.array([s[k] for s in scalars],
-                                                                np.float64), jnp.float32)
-                                        for k in scalars[0]})
-            key = partitioner.replicate(jnp.stack(keys))
-            active = partitioner.replicate(jnp.asarray([points[i].active for i in slots]))
-            # (n_batches, points, batch): the scan runs over batches, vmap over points.
-            stacked = type(batches[0])(*(np.stack(a, axis=1) for a in zip(*batches)))
-        state = fns.start_epoch(state, active)
-        state, step_losses = run_epoch(fns, state, stacked, frozen, ei, sc, key, active, epoch,
-                                       partitioner, options.scan_epoch)
-        train_seconds = time.perf_counter() - t0
-        for slot, i in enumerate(slots):
-            if vmapped:
-                view = (take(state, slot), take(frozen, slot, frozen_axes),
-                        take(ei, slot, ei_axes), take(sc, slot), step_losses[:, slot])
-            else:
-                view = (state, frozen, ei, sc, step_losses)
-            _end_point_epoch(points[i], view, fns, train_seconds, data, partitioner)
-        rounds += 1
-        still = [slot for slot, i in enumerate(slots) if points[i].active]
-        if not still:
-            slots = []
-        elif vmapped and len(still) <= len(slots) // 2:
-            # Compact: drop finished points from the stacked state (one recompilation).
-            state = partitioner.replicate(take(state, np.array(still)))
-            slots = [slots[slot] for slot in still]
+            view = (state, frozen, ei, sc, step_losses)
+        _end_point_epoch(points[i], view, fns, train_seconds, data, partitioner)
+    still = [slot for slot, i in enumerate(slots) if points[i].active]
+    if not still:
+        slots = []
+    elif vmapped and len(still) <= len(slots) // 2:
+        # Compact: drop finished points from the stacked state (one recompilation).
+        state = partitioner.replicate(take(state, np.array(still)))
+        slots = [slots[slot] for slot in still]
+    return slots, state
 
 
 def _replicate_stacked(partitioner, tree, axes):
