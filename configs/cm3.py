@@ -51,8 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = 'synthetic') -> ml_collections.ConfigDict:
-    """`arg`: a dataset variant: synthetic, baby, sports, clothing, elec, microlens."""
-    return _dataset_config(arg or 'synthetic')
+    """`arg`: a dataset variant (synthetic, baby, sports, clothing, elec, microlens), optionally
+    followed by ',fast' for the CPU speed options (config_defaults.cpu_fast)."""
+    return config_defaults.with_variant(arg, _dataset_config)
 
 
 def _dataset_config(arg: str) -> ml_collections.ConfigDict:

@@ -55,8 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = 'synthetic') -> ml_collections.ConfigDict:
-    """`arg`: a dataset variant: synthetic, baby, sports, clothing, elec, microlens."""
-    arg = arg or 'synthetic'
+    """`arg`: a dataset variant (synthetic, baby, sports, clothing, elec, microlens), optionally
+    followed by ',fast' (accepted as for every model; DGVAE's graph product does not use
+    `graph.spmm_impl`, so it changes nothing)."""
+    return config_defaults.with_variant(arg, _dataset_config)
+
+
+def _dataset_config(arg: str) -> ml_collections.ConfigDict:
     c = base_config()
     if arg == 'synthetic':
         return c

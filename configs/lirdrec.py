@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def cpu_fast(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The CPU speed options (docs/performance.md): same model, float32 rounding differences."""
-    c.graph.spmm_impl = 'segment_sum'
+    c = config_defaults.cpu_fast(c)
     c.model.transposed_features = True
     c.model.cpu_dot = 'eigen'
     return c
@@ -62,16 +62,7 @@ def cpu_fast(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def get_config(arg: str = 'synthetic') -> ml_collections.ConfigDict:
     """`arg`: a dataset variant (synthetic, baby, ...), optionally followed by ',fast' for the
     CPU speed options; 'fast' alone is the synthetic default with them."""
-    parts = [p for p in (arg or 'synthetic').split(',') if p]
-    modifiers = [p for p in parts if p == 'fast']
-    names = [p for p in parts if p != 'fast'] or ['synthetic']
-    if len(names) != 1:
-        raise ValueError(f'config variant {arg!r}: expected one dataset, optionally with ",fast"')
-    try:
-        c = _dataset_config(names[0])
-    except ValueError as err:
-        raise ValueError(f'{err} (each optionally followed by ",fast")') from None
-    return cpu_fast(c) if modifiers else c
+    return config_defaults.with_variant(arg, _dataset_config, cpu_fast)
 
 
 def _dataset_config(arg: str) -> ml_collections.ConfigDict:

@@ -1,6 +1,8 @@
 """The config sections every model shares: data, optim, train, eval, graph, parallel, sweep,
 checkpoint. Each model's config file (configs/<model>.py) starts from `base(model_name, lr)`
 and adds its `model` section and what its reference sets differently."""
+from typing import Callable
+
 import ml_collections
 
 MMREC_DATASETS = ('baby', 'sports', 'clothing', 'elec', 'microlens')
@@ -65,6 +67,29 @@ def base(model_name: str, learning_rate: float) -> ml_collections.ConfigDict:
 
     c.hyper_parameters = ('train.seed',)
     return c
+
+
+def cpu_fast(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU speed options every model shares (docs/performance.md): the chunked
+    segment-sum sparse product for its graphs (a model without such graphs is unchanged)."""
+    c.graph.spmm_impl = 'segment_sum'
+    return c
+
+
+def with_variant(arg: str, dataset_config: Callable[[str], ml_collections.ConfigDict],
+                 fast: Callable = cpu_fast) -> ml_collections.ConfigDict:
+    """The config of a variant `dataset[,fast]` ('' = synthetic; 'fast' alone = synthetic with
+    the CPU speed options): `dataset_config(dataset)`, then `fast` applied when asked.
+    ValueError naming the valid variants otherwise."""
+    parts = [p for p in (arg or 'synthetic').split(',') if p]
+    names = [p for p in parts if p != 'fast'] or ['synthetic']
+    if len(names) != 1:
+        raise ValueError(f'config variant {arg!r}: expected one dataset, optionally with ",fast"')
+    try:
+        c = dataset_config(names[0])
+    except ValueError as err:
+        raise ValueError(f'{err} (each optionally followed by ",fast")') from None
+    return fast(c) if 'fast' in parts else c
 
 
 def check_variant(arg: str) -> None:

@@ -26,11 +26,19 @@ def test_configs_load_by_name_from_any_folder(spec, model, dataset, tmp_path, mo
     assert (cfg.model_name, cfg.data.dataset) == (model, dataset)
 
 
-def test_variant_modifiers_pass_through(tmp_path, monkeypatch):
+@pytest.mark.parametrize('name', ['lirdrec', 'freedom', 'cm3', 'mllmrec', 'dgvae'])
+def test_every_model_takes_the_fast_modifier(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plain, fast = cli.load_config('lirdrec:baby'), cli.load_config('lirdrec:baby,fast')
+    plain, fast = cli.load_config(f'{name}:sports'), cli.load_config(f'{name}:sports,fast')
     assert (plain.graph.spmm_impl, fast.graph.spmm_impl) == ('bcoo', 'segment_sum')
-    assert fast.data.dataset == 'baby'
+    assert fast.data.dataset == 'sports' and cli.load_config(f'{name}:fast').data.dataset == (
+        'synthetic')
+    # Nothing else differs, except LIRDRec's own CPU options.
+    differ = {f'{s}.{k}' for s in plain.keys() if hasattr(plain[s], 'keys')
+              for k in plain[s].keys() if plain[s][k] != fast[s][k]}
+    expected = {'graph.spmm_impl'} | ({'model.transposed_features', 'model.cpu_dot'}
+                                      if name == 'lirdrec' else set())
+    assert differ == expected
 
 
 def test_a_file_in_the_working_folder_wins_over_the_builtin(tmp_path, monkeypatch):
