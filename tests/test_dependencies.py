@@ -1,6 +1,6 @@
 """The dependency runs one way: `data_prep` and `configs` may import `lirdrec_jax`, never the
-reverse (the package must work from an installed wheel, which holds neither folder's configs, and
-without import cycles)."""
+reverse (the package must work from an installed wheel, where the configs are
+`lirdrec_jax.configs`, and without import cycles)."""
 import ast
 import json
 import subprocess
