@@ -95,3 +95,12 @@ def training_log(monkeypatch):
     monkeypatch.setattr(train, 'train_points', counted_train_points)
     monkeypatch.setattr(train, 'run_epoch', counted_run_epoch)
     return log
+
+
+def write_small_dataset(root: Path) -> Path:
+    """The small synthetic dataset `small` (300 users, 150 items, 32-d image and 24-d text
+    features) under `root`, as several test files train on it; returns `root`."""
+    from lirdrec_jax import synthetic
+    synthetic.write_synthetic_dataset(root, 'small', n_users=300, n_items=150, seed=3,
+                                      image_dim=32, text_dim=24)
+    return root

@@ -9,7 +9,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import test as test_config
-from lirdrec_jax import curves, experiment, synthetic
+from lirdrec_jax import curves, experiment
+from tests.conftest import write_small_dataset
 
 EPOCHS = 4
 
@@ -69,10 +70,7 @@ def assert_same(found: dict, expected: dict) -> None:
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    synthetic.write_synthetic_dataset(root, 'small', n_users=300, n_items=150, seed=3,
-                                      image_dim=32, text_dim=24)
-    return root
+    return write_small_dataset(tmp_path_factory.mktemp('data'))
 
 
 def config(data_dir, out_dir, **checkpoint):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from lirdrec_jax import experiment, plot, synthetic
+from lirdrec_jax import experiment, plot
+from tests.conftest import write_small_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -23,8 +24,7 @@ LEARNING_RATES = (0.005, 0.01)
 def run_dir(tmp_path_factory):
     """A real 2-point grid (two learning rates, one seed) of 3 epochs on a small dataset."""
     root = tmp_path_factory.mktemp('plot')
-    synthetic.write_synthetic_dataset(root / 'data', 'small', n_users=300, n_items=150, seed=3,
-                                      image_dim=32, text_dim=24)
+    write_small_dataset(root / 'data')
     cfg = test_config.get_config()
     cfg.data.data_dir, cfg.data.dataset = str(root / 'data'), 'small'
     cfg.checkpoint.output_dir, cfg.checkpoint.run_name = str(root / 'out'), 'run'

@@ -15,17 +15,15 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from lirdrec_jax import checkpointing, experiment, main, rundir, storage, synthetic
+from lirdrec_jax import checkpointing, experiment, main, rundir, storage
+from tests.conftest import write_small_dataset
 
 EPOCHS = 5
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    synthetic.write_synthetic_dataset(root, 'small', n_users=300, n_items=150, seed=3,
-                                      image_dim=32, text_dim=24)
-    return root
+    return write_small_dataset(tmp_path_factory.mktemp('data'))
 
 
 def config(data_dir, out_dir, run_name='run', **changes):
