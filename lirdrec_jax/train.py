@@ -484,14 +484,15 @@ class PointFiles:
         epoch's checkpoint, so the best epoch of any checkpoint has its file."""
         if self.primary:
             reporting.write_npz(self.workdir / f'{TEST_USERS_CANDIDATE}{epoch:05d}.npz',
-                      {'epoch': np.int64(epoch), **arrays})
+                                {'epoch': np.int64(epoch), **arrays})
 
-    def finish_test_users(self, best_epoch: int) -> None:
-        """`test_users.npz` := the best epoch's candidate; the other candidates go."""
+    def finish_test_users(self, best_epoch: Optional[int]) -> None:
+        """`test_users.npz` := the best epoch's candidate (none for a diverged point); the
+        other candidates go."""
         if not self.primary:
             return
-        candidate = self.workdir / f'{TEST_USERS_CANDIDATE}{best_epoch:05d}.npz'
-        if candidate.exists():
+        candidate = self.workdir / f'{TEST_USERS_CANDIDATE}{best_epoch or 0:05d}.npz'
+        if best_epoch is not None and candidate.exists():
             os.replace(candidate, self.workdir / TEST_USERS_FILE)
         for stale in self.workdir.glob(f'{TEST_USERS_CANDIDATE}*.npz'):
             stale.unlink()
@@ -727,8 +728,8 @@ def train_points(cfgs: Sequence, data: PreparedData, workdirs: Sequence[Path], *
     results = [p.result() for p in points]
     for p, result in zip(points, results):
         p.files.close()
-        if result['finished'] and not result.get('diverged'):
-            p.files.finish_test_users(result['best_epoch'])
+        if result['finished']:
+            p.files.finish_test_users(None if result.get('diverged') else result['best_epoch'])
     return results
 
 
