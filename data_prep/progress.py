@@ -1,4 +1,5 @@
-"""A small dependency-free progress printer for the long steps of the data commands.
+"""A small dependency-free progress printer (count, rate, ETA) for the long steps of the data
+commands.
 
 Writes to stderr (stdout stays for the summary table). On a terminal the line is redrawn in
 place at most `min_interval` seconds apart (default 0.25 s, i.e. a few updates per second); on
@@ -22,6 +23,14 @@ def format_count(n: float, unit: str = '') -> str:
         if abs(n) >= div:
             return f'{n / div:.3g}{prefix}{unit}'
     return f'{n:.0f}{unit}' if float(n).is_integer() else f'{n:.3g}{unit}'
+
+
+def format_seconds(seconds: float) -> str:
+    """75 -> '1m15s', 9.4 -> '9s', 4000 -> '1h06m'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f'{s // 3600}h{s % 3600 // 60:02d}m'
+    return f'{s // 60}m{s % 60:02d}s' if s >= 60 else f'{s}s'
 
 
 class Progress:
@@ -58,11 +67,15 @@ class Progress:
     def _line(self) -> str:
         elapsed = self.clock() - self.start
         done = format_count(self.count, self.unit)
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        speed = f', {format_count(rate, self.unit)}/s' if rate > 0 else ''
         if self.total:
             pct = 100.0 * self.count / self.total
+            eta = (f', ETA {format_seconds((self.total - self.count) / rate)}'
+                   if rate > 0 and self.count < self.total else '')
             return (f'{self.desc}: {pct:5.1f}% {done}/{format_count(self.total, self.unit)} '
-                    f'{elapsed:.1f}s')
-        return f'{self.desc}: {done} {elapsed:.1f}s'
+                    f'{elapsed:.1f}s{speed}{eta}')
+        return f'{self.desc}: {done} {elapsed:.1f}s{speed}'
 
     def _write(self, final: bool) -> None:
         if not self.enabled:

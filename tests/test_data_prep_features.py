@@ -15,7 +15,7 @@ import pytest
 
 from data_prep import amazon, encoders, features
 from data_prep.encoders import EncoderError, HashingEncoder
-from data_prep.progress import Progress, format_count
+from data_prep.progress import Progress, format_count, format_seconds
 from data_prep.readers import LineErrors
 from lirdrec_jax import data as data_lib
 from lirdrec_jax.data import DataError
@@ -291,8 +291,10 @@ def test_progress_on_a_log_stream_prints_rarely():
     bar.update(10)                                        # 5 s since the last line: silent
     bar.close()
     bar.close()                                           # the final line is written once
-    assert out.getvalue().splitlines() == ['reading:  40.0% 40/100 10.0s',
-                                           'reading:  50.0% 50/100 15.0s']
+    # Rate = count / elapsed, ETA = what is left / rate: 40/10 = 4/s, 60/4 = 15 s; then
+    # 50/15 = 3.33/s, 50/3.33 = 15 s.
+    assert out.getvalue().splitlines() == ['reading:  40.0% 40/100 10.0s, 4/s, ETA 15s',
+                                           'reading:  50.0% 50/100 15.0s, 3.33/s, ETA 15s']
 
 
 def test_progress_on_a_terminal_redraws_a_few_times_per_second():
@@ -301,11 +303,18 @@ def test_progress_on_a_terminal_redraws_a_few_times_per_second():
         for t in (0.1, 0.3, 0.4, 0.6):
             clock.t = t
             bar.update(1)
-    assert out.getvalue() == '\renc: 2 0.3s\x1b[K\renc: 4 0.6s\x1b[K\renc: 4 0.6s\x1b[K\n'
+    # No total: no ETA; 2 / 0.3 s = 4 / 0.6 s = 6.67 per second.
+    assert out.getvalue() == ('\renc: 2 0.3s, 6.67/s\x1b[K\renc: 4 0.6s, 6.67/s\x1b[K'
+                              '\renc: 4 0.6s, 6.67/s\x1b[K\n')
     quiet = Terminal()
     with Progress('x', stream=quiet, enabled=False) as bar:
         bar.update(5)
     assert quiet.getvalue() == ''
+
+
+def test_format_seconds():
+    assert [format_seconds(9.4), format_seconds(75), format_seconds(4000)] == [
+        '9s', '1m15s', '1h06m']
 
 
 def test_format_count():
