@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.min_sim = 0.0           # clamp of the negatives' multimodal cosine similarity
     c.model.max_sim = (1.0,)
     c.model.alpha = (0.5,)          # lambda_i ~ Beta(alpha, alpha), per item and forward pass
+    c.model.matmul_dtype = 'float32'  # or 'bfloat16': products reading the features, f32 sums
     c.model.cpu_dot = 'xla'         # XLA:CPU GEMM kernels of the training step: 'xla' or 'eigen'
     c.eval.embeddings = 'last_batch'  # 'last_batch' (reference) or 'fresh' (lambda = 1/2)
     return c

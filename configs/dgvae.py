@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.prototype_reg = 0.0
     c.model.knn_k = 10                  # kNN item graph of the CF encoder (-knn_k)
     c.model.mm_image_weight = 0.04      # graph = 0.04 image + 0.96 text (-txt_weight 0.96)
+    c.model.matmul_dtype = 'float32'    # or 'bfloat16': the encoders' products, f32 accumulation
     c.model.cpu_dot = 'xla'             # XLA:CPU GEMM kernels of the training step
     c.train.epochs = 100                # (-ep 100)
     c.train.batch_size = 512            # users per batch (-bs)

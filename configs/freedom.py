@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mm_image_weight = 0.1   # kNN graph = w * image + (1 - w) * text
     c.model.dropout = (0.8,)        # fraction of training edges dropped each epoch
     c.model.reg_weight = (0.001,)   # weight of the two feature-projection BPR terms
+    c.model.matmul_dtype = 'float32'  # or 'bfloat16': feature projections, float32 accumulation
     c.model.cpu_dot = 'xla'         # XLA:CPU GEMM kernels of the training step: 'xla' or 'eigen'
     return c
 

@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.knn_jac = (10,)         # Jaccard neighbours per item in J
     c.model.pure = (0.7,)           # a cosine neighbour is an edge of B when its similarity >= pure
     c.model.n_ii_layers = 1         # e = sum_{l=0..n_ii_layers} S^l F
+    c.model.matmul_dtype = 'float32'  # or 'bfloat16': both MLPs' first layers, f32 accumulation
     c.model.cpu_dot = 'xla'         # XLA:CPU GEMM kernels of the training step: 'xla' or 'eigen'
     c.hyper_parameters = ('model.feat_embed_dim', 'model.knn_jac', 'model.pure', 'train.seed')
     return c

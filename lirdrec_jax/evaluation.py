@@ -258,6 +258,34 @@ def _batched_mask_pairs(split: EvalSplit, batch: int) -> Tuple[np.ndarray, np.nd
     return rows, cols
 
 
+def ranking_blocks(split: EvalSplit, batch_size: int, n_devices: int
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blocks of users `full_sort_topk` ranks, one per device and dispatch.
+
+    Args:
+      split: the ranked split.
+      batch_size: users per block (capped at n_eval to avoid useless padding).
+      n_devices: the device count; the number of blocks is a multiple of it.
+
+    Returns:
+      users: (n_blocks, batch) int32 the split's users in order, then user 0 as padding (whole
+        dummy blocks at the end).
+      rows, cols: (n_blocks, p) int32 the masking pairs of each block (`_batched_mask_pairs`);
+        a dummy block's pairs all have row == batch (dropped).
+    """
+    batch = max(1, min(int(batch_size), split.n_eval))
+    n_batches = -(-split.n_eval // batch)
+    n_blocks = -(-n_batches // n_devices) * n_devices
+    # Pad the last batch with user 0; its rows are cut off by the caller.
+    users = np.zeros(n_blocks * batch, np.int32)
+    users[:split.n_eval] = split.users
+    rows, cols = _batched_mask_pairs(split, batch)
+    rows = np.concatenate([rows, np.full((n_blocks - n_batches, rows.shape[1]), batch,
+                                         np.int32)])  # dummy blocks: every pair dropped
+    cols = np.concatenate([cols, np.zeros((n_blocks - n_batches, cols.shape[1]), np.int32)])
+    return users.reshape(n_blocks, batch), rows, cols
+
+
 @functools.lru_cache(maxsize=None)
 def _sharded_topk(partitioner, k: int, ordered: bool, score=None):
     """`_topk_batch` once per device on that device's block of users (cached per mesh, k,
@@ -307,20 +335,9 @@ def full_sort_topk(user_emb, item_emb, split: EvalSplit, *, k: int = 50,
                          f'in [1, n_items={n_items}] (the number of items)')
     if split.n_eval == 0:
         return np.zeros((0, k), np.int32)
-    batch = max(1, min(int(batch_size), split.n_eval))
-    n_batches = -(-split.n_eval // batch)
-    # Whole groups of one batch per device (dummy batches at the end).
     n_dev = partitioner.n_devices
-    n_blocks = -(-n_batches // n_dev) * n_dev
-    # Pad the last batch with user 0; its rows are cut off below.
-    users = np.zeros(n_blocks * batch, np.int32)
-    users[:split.n_eval] = split.users
-    users = users.reshape(n_blocks, batch)
-    rows, cols = _batched_mask_pairs(split, batch)
-
-    rows = np.concatenate([rows, np.full((n_blocks - n_batches, rows.shape[1]), batch,
-                                         np.int32)])  # dummy blocks: every pair dropped
-    cols = np.concatenate([cols, np.zeros((n_blocks - n_batches, cols.shape[1]), np.int32)])
+    users, rows, cols = ranking_blocks(split, batch_size, n_dev)
+    n_blocks = users.shape[0]
     user_emb, item_emb = partitioner.replicate(jax.tree.map(
         lambda x: jnp.asarray(x, jnp.float32), (user_emb, item_emb)))
     if score is None:

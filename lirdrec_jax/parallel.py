@@ -17,6 +17,7 @@ Everything is expressed with `jax.jit` + `NamedSharding` (and `shard_map` for ev
 API the installed JAX recommends; `pmap` is in maintenance mode and is itself implemented with
 `jit` + `shard_map` since JAX 0.8. With one device this is plain `jit` on that device.
 """
+import contextlib
 import functools
 import os
 from typing import Any, Callable, Optional
@@ -29,9 +30,32 @@ AXIS = 'devices'
 DISTRIBUTED_MODES = ('auto', 'on', 'off')
 
 
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+_building_for = []  # the platforms of the enclosing `building_for` blocks, innermost last
+
+
 def platform() -> str:
-    """'cpu', 'gpu' or 'tpu': the backend the computations run on."""
-    return jax.default_backend()
+    """'cpu', 'gpu' or 'tpu': the backend the computations run on, or inside a `building_for`
+    block the platform that programs are being built for. Every platform-dependent choice of
+    the project (CPU-only options, the sparse product's chunking) asks this."""
+    return _building_for[-1] if _building_for else jax.default_backend()
+
+
+@contextlib.contextmanager
+def building_for(target: Optional[str]):
+    """Within the block, `platform()` is `target` ('cpu', 'gpu' or 'tpu'; None: unchanged), so
+    that what is built there (configs, frozen inputs, jitted steps) is what that platform runs,
+    whatever this process's backend is: how `lirdrec_jax.lowering` exports GPU and TPU programs
+    from a CPU machine."""
+    if target is not None and target not in PLATFORMS:
+        raise ValueError(f'platform {target!r}; expected one of {PLATFORMS}')
+    if target is not None:
+        _building_for.append(target)
+    try:
+        yield
+    finally:
+        if target is not None:
+            _building_for.pop()
 
 
 CPU_DOTS = ('xla', 'eigen')
@@ -55,7 +79,8 @@ def compiler_options(cpu_dot: str) -> Optional[dict]:
     'xla' (default): XLA's own choice. 'eigen', on the CPU only: no YNNPACK dot fusions, so the
     towers' float32 GEMMs (shapes (7050, 4096) @ (4096, 256)) run on XLA's Eigen kernels, which
     reach the square-GEMM rate on this project's machine where YNNPACK reaches ~80% of it
-    (docs/performance.md). Ignored on GPU/TPU, and by a jaxlib without the option.
+    (docs/performance.md). None on GPU/TPU (`train.for_platform` notes it and turns the option
+    off there), and with a jaxlib without the option.
     """
     if cpu_dot not in CPU_DOTS:
         raise ValueError(f'config field model.cpu_dot = {cpu_dot!r}; expected one of {CPU_DOTS}')
@@ -182,6 +207,14 @@ class Partitioner:
     def replicate(self, tree: Any) -> Any:
         """Every array leaf of `tree` copied to every device."""
         return jax.tree.map(lambda x: self._put(x, self.replicated), tree)
+
+    def replicate_shapes(self, tree: Any) -> Any:
+        """What `replicate` would place, without computing or placing anything: a
+        `jax.ShapeDtypeStruct` (shape, dtype, weak type, the replicated sharding) per array
+        leaf of `tree` (arrays or ShapeDtypeStructs)."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype, sharding=self.replicated,
+            weak_type=bool(getattr(x, 'weak_type', False))), tree)
 
     def split(self, value, axis: int, fill=0) -> jax.Array:
         """`value` padded along `axis` to a multiple of the device count (with `fill`) and split

@@ -54,8 +54,12 @@ CACHE_ENV = 'LIRDREC_JAX_CACHE'
 # Timestamps are seconds in [T0, T0 + SPAN): 2014-01-01 onwards, over four years.
 T0 = 1_388_534_400
 SPAN = 4 * 365 * 86_400
-# Rows per block when sampling interactions (bounds the (block, n_items) score matrices).
+# Rows per block when sampling interactions (bounds the (block, n_items) score matrices), and
+# at most SAMPLE_BLOCK_ELEMENTS float64 entries per block (4 MB): blocks that small are reused
+# by the allocator, where larger ones are fresh pages every time, whose first touch costs more
+# than the arithmetic at 10^4-10^5 items. Neither changes a bit of the output (see above).
 USER_BLOCK = 512
+SAMPLE_BLOCK_ELEMENTS = 1 << 19
 # Float64 elements per block when building the features (16 MB).
 FEATURE_BLOCK_ELEMENTS = 1 << 21
 # The item texts draw from their own stream, np.random.default_rng([seed, TEXT_STREAM]), so
@@ -182,40 +186,94 @@ def _top_k_descending(keys: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, within, axis=1)
 
 
+def project_windows(x: np.ndarray, ring: np.ndarray, starts: np.ndarray, width: int
+                    ) -> np.ndarray:
+    """`project(x, w)` at each row's own window of `width` consecutive columns, in the same
+    fixed summation order.
+
+    Args:
+      x: (b, k) float64.
+      ring: (k, m + width - 1) float64: the m columns of w followed by its first width - 1
+        again, so that a window may wrap around.
+      starts: (b,) first column of each row's window, in [0, m).
+
+    Returns:
+      (b, width) float64, out[r, j] = sum_k x[r, k] * ring[k, starts[r] + j], k ascending.
+    """
+    out = np.zeros((x.shape[0], width), dtype=np.float64)
+    for k in range(x.shape[1]):
+        out += x[:, k:k + 1] * np.lib.stride_tricks.sliding_window_view(ring[k], width)[starts]
+    return out
+
+
+def _ring(a: np.ndarray, order: np.ndarray, width: int) -> np.ndarray:
+    """a's last axis permuted by `order` and continued by its first width - 1 entries again."""
+    return np.concatenate([a[..., order], a[..., order[:width - 1]]], axis=-1)
+
+
 def sample_interactions(rng: np.random.Generator, user_f: np.ndarray, item_f: np.ndarray,
-                        popularity: np.ndarray, lengths: np.ndarray, temperature: float
-                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        popularity: np.ndarray, lengths: np.ndarray, temperature: float,
+                        candidates: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each user draws `lengths[u]` distinct items, P(item) ∝ exp(score/temperature + popularity).
 
     Sampling without replacement uses the Gumbel-top-k trick: the k largest of
     log-weight + Gumbel noise are a draw of k items without replacement. Users are processed
-    in blocks of `USER_BLOCK`, so that memory stays O(block x n_items) at any scale.
+    in row blocks (`USER_BLOCK`, `SAMPLE_BLOCK_ELEMENTS`), so that memory stays
+    O(block x n_items) at any scale.
+
+    That is one Gumbel draw per (user, item) pair: 1.2e10 at Amazon-Electronics scale, tens of
+    minutes. With `candidates` = c (0 < c < n_items), each user draws from c candidate items
+    instead, a window of c consecutive items of one random permutation of the items starting
+    at a random place per user (distinct items, each item a candidate of about c / n_items of
+    the users), with the same weights: n_users x c draws. 0 = every item is a candidate.
 
     Args:
       user_f: (n_users, k) user factors.
       item_f: (n_items, k) item factors.
       popularity: (n_items,) log popularity weight of each item.
-      lengths: (n_users,) number of items per user, each in [1, n_items].
+      lengths: (n_users,) number of items per user, each in [1, n_items] (in [1, c] with
+        candidates).
       temperature: softmax temperature of the preference score.
+      candidates: c, or 0 (every item; the permutation and starts are drawn only when c > 0,
+        so the default consumes the random stream exactly as before the option existed).
 
     Returns:
       (users, items, scores) of the drawn interactions, (n,) each, users ascending and each
       user's items in drawing order; scores are the preference scores, used for the ratings.
     """
+    n_items = item_f.shape[0]
+    windowed = 0 < candidates < n_items
     item_t = np.ascontiguousarray(item_f.T)
+    if windowed:
+        order = rng.permutation(n_items)
+        start = rng.integers(0, n_items, size=user_f.shape[0])
+        rings = (_ring(item_t, order, candidates), _ring(popularity, order, candidates),
+                 _ring(np.arange(n_items), order, candidates))
+        windows = lambda a, rows: np.lib.stride_tricks.sliding_window_view(
+            a, candidates)[start[rows]]
+    n_cols = candidates if windowed else n_items
+    block = max(1, min(USER_BLOCK, SAMPLE_BLOCK_ELEMENTS // n_cols))
     users, items, scores = [], [], []
-    for rows in _row_blocks(user_f.shape[0], USER_BLOCK):
-        score = project(user_f[rows], item_t)                       # (block, n_items)
-        keys = score / temperature                                  # in place from here on
-        keys += popularity[None, :]
+    for rows in _row_blocks(user_f.shape[0], block):
+        if windowed:
+            # The window of item ids order[start], order[start + 1], ... (mod n_items).
+            cols = windows(rings[2], rows)                              # (block, c)
+            score = project_windows(user_f[rows], rings[0], start[rows], candidates)
+            keys = score / temperature
+            keys += windows(rings[1], rows)
+        else:
+            score = project(user_f[rows], item_t)                   # (block, n_items)
+            keys = score / temperature                              # in place from here on
+            keys += popularity[None, :]
         keys += rng.gumbel(size=keys.shape)
         block_lengths = lengths[rows]
         top = _top_k_descending(keys, int(block_lengths.max()))
         take = np.arange(top.shape[1])[None, :] < block_lengths[:, None]
         local = np.broadcast_to(np.arange(top.shape[0])[:, None], top.shape)[take]
+        chosen = top[take]
         users.append(local + rows.start)
-        items.append(top[take])
-        scores.append(score[local, items[-1]])
+        items.append(cols[local, chosen] if windowed else chosen)
+        scores.append(score[local, chosen])
     return (np.concatenate(users).astype(np.int64), np.concatenate(items).astype(np.int64),
             np.concatenate(scores))
 
@@ -431,7 +489,8 @@ def generate_exact_counts(n_users: int, n_items: int, n_interactions: int, *, se
                           temperature: float = 0.15, popularity_offset: float = 10.0,
                           min_length: int = 5, image_noise: float = 3.0,
                           text_noise: float = 2.5, valid_ratio: float = 0.1,
-                          test_ratio: float = 0.1, item_text: bool = False) -> SyntheticData:
+                          test_ratio: float = 0.1, item_text: bool = False,
+                          candidate_items: int = 0) -> SyntheticData:
     """A dataset with exactly the given counts (the benchmark's data, e.g. at MMRec scale).
 
     Same model as `generate_synthetic`, sized differently and not filtered: every user draws at
@@ -447,6 +506,10 @@ def generate_exact_counts(n_users: int, n_items: int, n_interactions: int, *, se
       item_text: also make the item texts (`item_texts`, from their own stream: the other
         arrays are the same either way), e.g. for an in-memory word view
         (`word_view.build_word_view`); off by default (seconds at MMRec scale).
+      candidate_items: 0 (default): every user draws from all items; c > 0: from c candidate
+        items each (`sample_interactions`), and at most c // 2 items per user: for 10^10
+        user-item pairs, where drawing over all of them takes tens of minutes. 0 and any
+        c >= n_items give the same output.
       Others: as in `generate_synthetic`.
 
     Returns:
@@ -456,14 +519,18 @@ def generate_exact_counts(n_users: int, n_items: int, n_interactions: int, *, se
     if min_length < 3:
         raise ValueError(f'min_length={min_length}: expected >= 3 (one train, one valid and one '
                          f'test row per user)')
+    candidates = candidate_items if 0 < candidate_items < n_items else 0
+    if candidates and candidates < 2 * min_length:
+        raise ValueError(f'candidate_items={candidate_items}: expected 0 or at least '
+                         f'2 * min_length = {2 * min_length}')
     rng = np.random.default_rng(seed)
     user_f, item_f = latent_factors(rng, n_users, n_items, latent_dim, n_categories,
                                     category_spread)
     popularity = zipf_log_popularity(rng, n_items, popularity_offset)
-    lengths = exact_lengths(rng, n_users, n_interactions, min_length, max(min_length,
-                                                                          n_items // 2))
+    lengths = exact_lengths(rng, n_users, n_interactions, min_length,
+                            max(min_length, (candidates or n_items) // 2))
     users, items, score = sample_interactions(rng, user_f, item_f, popularity, lengths,
-                                              temperature)
+                                              temperature, candidates)
     timestamps = random_timestamps(rng, users, n_users)
     ratings = ratings_from_scores(rng, score)
     users, items, timestamps, ratings, labels = _sort_and_split(

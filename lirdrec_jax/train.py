@@ -110,7 +110,7 @@ class RunOptions(NamedTuple):
         dispatch per batch on every run we compared, and faster; no progress lines within an
         epoch).
       cpu_dot: 'xla' or 'eigen': which GEMM kernels XLA:CPU uses in the training computations
-        (`parallel.compiler_options`); no effect on GPU/TPU.
+        (`parallel.compiler_options`); off the CPU it is 'xla' (`for_platform`).
     """
     spmm_impl: str = 'bcoo'
     spmm_chunk_size: int = 0
@@ -143,6 +143,38 @@ def run_options(cfg) -> RunOptions:
     return RunOptions(spmm_impl=str(g.get('spmm_impl', 'bcoo')), spmm_chunk_size=chunk,
                       scan_epoch=bool(cfg.train.get('scan_epoch', True)),
                       cpu_dot=str(cfg.model.get('cpu_dot', 'xla')))
+
+
+# Speed options that only pay on XLA:CPU (docs/performance.md), each with the value that turns
+# it off: `model.cpu_dot` (every model's) and `model.transposed_features` (a model with towers
+# over frozen features: transposed copies for their weight gradients). A config without the
+# field is unaffected.
+CPU_ONLY_FIELDS = {'model.cpu_dot': 'xla', 'model.transposed_features': False}
+_noted_cpu_options = set()  # (field, value, platform) already noted in this process
+
+
+def for_platform(cfg):
+    """`cfg` as it runs on `parallel.platform()`: on the CPU `cfg` itself; on GPU/TPU a copy
+    with every CPU-only option (`CPU_ONLY_FIELDS`) off, noted once per process in one line,
+    e.g. "note: model.cpu_dot='eigen' is a CPU option; ignored on gpu". The one place that
+    decides it: whatever is built from the result (compiled steps, frozen inputs, exported
+    programs) does not depend on these options off the CPU."""
+    platform = parallel.platform()
+    if platform == 'cpu':
+        return cfg
+    out = cfg
+    for dotted, off in CPU_ONLY_FIELDS.items():
+        section, name = dotted.split('.', 1)
+        value = cfg[section].get(name, off) if section in cfg else off
+        if value == off:
+            continue
+        if out is cfg:
+            out = cfg.copy_and_resolve_references()
+        out[section][name] = off
+        if (dotted, value, platform) not in _noted_cpu_options and jax.process_index() == 0:
+            _noted_cpu_options.add((dotted, value, platform))
+            reporting.log(f'note: {dotted}={value!r} is a CPU option; ignored on {platform}')
+    return out
 
 
 def create_partitioner(parallel_cfg) -> parallel.Partitioner:
@@ -193,7 +225,7 @@ class PointSetup(NamedTuple):
       optimizer: Adam without the learning rate.
       options: the run's speed options.
       frozen_host: the point's frozen inputs before placement; frozen: placed on the devices.
-      state: the initial TrainState, replicated.
+      state: the initial TrainState, replicated (its `jax.ShapeDtypeStruct`s when abstract).
       key: the point's PRNG key (from `train.seed`); epoch_key: the key that per-epoch inputs
         and per-step noise are folded from.
     """
@@ -210,13 +242,16 @@ class PointSetup(NamedTuple):
 
 def setup_point(cfg, data: PreparedData, partitioner: parallel.Partitioner,
                 options: Optional[RunOptions] = None, placement=None,
-                frozen_host=None) -> PointSetup:
+                frozen_host=None, abstract: bool = False) -> PointSetup:
     """Model, optimiser, frozen inputs, placement and initial state of one point: the one place
-    that train, sweep, bench and parity build a point from. `placement` (default: the
+    that train, sweep, bench, parity and lowering build a point from. `placement` (default: the
     partitioner) places the frozen inputs, `frozen_host` (default: built here) is their host
-    form; a vmapped group passes both so that inputs the points share are placed once."""
+    form; a vmapped group passes both so that inputs the points share are placed once.
+    `abstract`: the state's shapes, dtypes and shardings only (the model's init is traced, not
+    run; what `lowering` builds programs from)."""
     ds = data.dataset
     model = models.get_model(cfg.model_name)
+    cfg = for_platform(cfg)
     options = options or run_options(cfg)
     net = model.create(cfg.model, ds.n_users, ds.n_items, partitioner.layout_hook())
     optimizer = optim.create_optimizer(float(cfg.optim.weight_decay))
@@ -225,8 +260,14 @@ def setup_point(cfg, data: PreparedData, partitioner: parallel.Partitioner,
     if frozen_host is None:
         frozen_host = model.frozen_inputs(data.model, ds, cfg.model)
     frozen = model.place_frozen(frozen_host, placement or partitioner, options)
-    params, carry = model.init(init_key, net, frozen, frozen_host)
-    state = partitioner.replicate(TrainState(params, optimizer.init(params), carry))
+    if abstract:
+        params, carry = jax.eval_shape(lambda k: model.init(k, net, frozen, frozen_host),
+                                       init_key)
+        state = partitioner.replicate_shapes(
+            TrainState(params, jax.eval_shape(optimizer.init, params), carry))
+    else:
+        params, carry = model.init(init_key, net, frozen, frozen_host)
+        state = partitioner.replicate(TrainState(params, optimizer.init(params), carry))
     return PointSetup(model, net, optimizer, options, frozen_host, frozen, state, key, epoch_key)
 
 
@@ -667,17 +708,19 @@ class _Point:
         return point_result(self.progress, self.cfg.train.epochs)
 
 
-def _setup_points(cfgs, data, partitioner, vmapped: bool) -> List[PointSetup]:
-    """Each point's set-up; in a vmapped group, inputs equal across points are placed once."""
+def setup_points(cfgs, data, partitioner, vmapped: bool,
+                 abstract: bool = False) -> List[PointSetup]:
+    """Each point's set-up (`setup_point`); in a vmapped group, inputs equal across points are
+    placed once."""
     if not vmapped:
-        return [setup_point(cfgs[0], data, partitioner)]
+        return [setup_point(cfgs[0], data, partitioner, abstract=abstract)]
     options = run_options(cfgs[0]).for_vmap()
     model = models.get_model(cfgs[0].model_name)
     hosts = _share_equal_leaves([model.frozen_inputs(data.model, data.dataset, c.model)
                                  for c in cfgs])
     placement = _MemoPlacement(partitioner)
-    return [setup_point(cfg, data, partitioner, options, placement, frozen_host=host)
-            for cfg, host in zip(cfgs, hosts)]
+    return [setup_point(cfg, data, partitioner, options, placement, frozen_host=host,
+                        abstract=abstract) for cfg, host in zip(cfgs, hosts)]
 
 
 def train_points(cfgs: Sequence, data: PreparedData, workdirs: Sequence[Path], *,
@@ -704,7 +747,8 @@ def train_points(cfgs: Sequence, data: PreparedData, workdirs: Sequence[Path], *
     for c in cfgs:
         check_point_config(c, ds.n_users, ds.n_items)
     partitioner = partitioner or create_partitioner(cfgs[0].get('parallel'))
-    setups = _setup_points(cfgs, data, partitioner, vmapped)
+    cfgs = [for_platform(c) for c in cfgs]
+    setups = setup_points(cfgs, data, partitioner, vmapped)
     labels = labels or [''] * len(cfgs)
     points = [_Point(c, s, Path(w), l, partitioner.is_primary)
               for c, s, w, l in zip(cfgs, setups, workdirs, labels)]
@@ -739,8 +783,7 @@ def _run_rounds(points, slots, data, partitioner, stop_after_epochs, vmapped) ->
     model, options = s0.model, s0.options
     eval_mode = str(c0.eval.get('embeddings', 'last_batch'))
     if vmapped:
-        state = partitioner.replicate(jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                   *[points[i].setup.state for i in slots]))
+        state = stack_states(partitioner, [points[i].setup.state for i in slots])
     else:
         state = s0.state
     for i in slots:
@@ -773,45 +816,27 @@ def _run_round(points, slots, state, data, partitioner, vmapped, model, options,
     s0 = points[0].setup
     t0 = time.perf_counter()
     epoch = points[slots[0]].progress.epochs_done
-    scalars, batches, epoch_inputs, keys = [], [], [], []
+    epochs = []
     for i in slots:
         p = points[i]
-        e = p.progress.epochs_done
-        p.progress.model_state, sc = epoch_scalars(model, p.cfg, p.progress.model_state, e)
-        p.learning_rate = sc['learning_rate']
-        scalars.append(sc)
-        keys.append(jax.random.fold_in(p.setup.epoch_key, e))
-        batches.append(sampling.batch_kind(model.batch_kind).draw(
-            sampling.epoch_rng(int(p.cfg.train.seed), e), data.sampler,
-            int(p.cfg.train.batch_size)))
-        epoch_inputs.append(place_epoch_inputs(
-            partitioner, model.epoch_inputs(data.model, p.cfg.model, keys[-1], e), options))
+        drawn = draw_point_epoch(model, p.cfg, data, p.progress.model_state, p.setup.epoch_key,
+                                 p.progress.epochs_done, partitioner, options)
+        p.progress.model_state, p.learning_rate = drawn.host, drawn.scalars['learning_rate']
+        epochs.append(drawn)
+    ei, ei_axes, sc, key, active, stacked = group_epoch(
+        partitioner, epochs, [points[i].active for i in slots] if vmapped else None)
     if not vmapped:
-        frozen, frozen_axes, ei, ei_axes = s0.frozen, None, epoch_inputs[0], None
-        sc = partitioner.replicate(device_scalars(scalars[0]))
-        key, active, stacked = partitioner.replicate(keys[0]), None, batches[0]
-        if None not in fns_of:
-            fns_of[None] = make_epoch_fns(s0, partitioner, eval_mode)
-        fns = fns_of[None]
+        frozen, frozen_axes, fns_key = s0.frozen, None, None
     else:
         if tuple(slots) not in frozen_of:
-            frozen, axes = stack_or_share([points[i].setup.frozen for i in slots])
-            frozen_of[tuple(slots)] = (_replicate_stacked(partitioner, frozen, axes), axes)
+            frozen_of[tuple(slots)] = group_frozen(partitioner,
+                                                   [points[i].setup for i in slots])
         frozen, frozen_axes = frozen_of[tuple(slots)]
-        ei, ei_axes = stack_or_share(epoch_inputs)
-        ei = _replicate_stacked(partitioner, ei, ei_axes)
         fns_key = (tuple(slots), str(ei_axes))
-        if fns_key not in fns_of:
-            fns_of[fns_key] = make_epoch_fns(s0, partitioner, eval_mode,
-                                             (frozen_axes, ei_axes))
-        fns = fns_of[fns_key]
-        sc = partitioner.replicate({k: jnp.asarray(np.array([s[k] for s in scalars],
-                                                            np.float64), jnp.float32)
-                                    for k in scalars[0]})
-        key = partitioner.replicate(jnp.stack(keys))
-        active = partitioner.replicate(jnp.asarray([points[i].active for i in slots]))
-        # (n_batches, points, batch): the scan runs over batches, vmap over points.
-        stacked = type(batches[0])(*(np.stack(a, axis=1) for a in zip(*batches)))
+    if fns_key not in fns_of:
+        fns_of[fns_key] = make_epoch_fns(s0, partitioner, eval_mode,
+                                         (frozen_axes, ei_axes) if vmapped else None)
+    fns = fns_of[fns_key]
     state = fns.start_epoch(state, active)
     state, step_losses = run_epoch(fns, state, stacked, frozen, ei, sc, key, active, epoch,
                                    partitioner, options.scan_epoch)
@@ -831,6 +856,94 @@ def _run_round(points, slots, state, data, partitioner, vmapped, model, options,
         state = partitioner.replicate(take(state, np.array(still)))
         slots = [slots[slot] for slot in still]
     return slots, state
+
+
+class PointEpoch(NamedTuple):
+    """One point's inputs of one epoch, drawn on the host (`draw_point_epoch`).
+
+    Attributes:
+      host: the model's host state after the epoch's schedule.
+      scalars: the epoch's scalars (Python floats, 'learning_rate' included).
+      key: the point's epoch key folded with the epoch.
+      batches: the epoch's host batches of the model's kind, (n_batches, batch) each.
+      epoch_inputs: the model's per-epoch inputs, placed (`place_epoch_inputs`), or None.
+    """
+    host: dict
+    scalars: dict
+    key: jax.Array
+    batches: Any
+    epoch_inputs: Any
+
+
+def draw_point_epoch(model: base.Model, cfg, data: PreparedData, host: dict, epoch_key,
+                     epoch: int, partitioner: parallel.Partitioner,
+                     options: RunOptions) -> PointEpoch:
+    """What one point trains epoch `epoch` (0-based) on, given its host state before it."""
+    host, scalars = epoch_scalars(model, cfg, host, epoch)
+    key = jax.random.fold_in(epoch_key, epoch)
+    batches = sampling.batch_kind(model.batch_kind).draw(
+        sampling.epoch_rng(int(cfg.train.seed), epoch), data.sampler, int(cfg.train.batch_size))
+    inputs = model.epoch_inputs(data.model, cfg.model, key, epoch)
+    return PointEpoch(host, scalars, key, batches,
+                      place_epoch_inputs(partitioner, inputs, options))
+
+
+class GroupEpoch(NamedTuple):
+    """The epoch functions' per-epoch arguments of a round (`group_epoch`): one point's, or a
+    vmapped group's with a leading point axis (leaves equal in every point shared).
+
+    Attributes:
+      epoch_inputs, epoch_axes: the per-epoch inputs on the devices and their vmap axes (None
+        for one point).
+      scalars: {name: float32} replicated ((points,) in a group).
+      key: the epoch key(s), replicated.
+      active: None for one point; (points,) bool, replicated, in a group.
+      batches: the host batches, (n_batches, batch) or (n_batches, points, batch) each
+        (`run_epoch` places them).
+    """
+    epoch_inputs: Any
+    epoch_axes: Any
+    scalars: dict
+    key: jax.Array
+    active: Optional[jax.Array]
+    batches: Any
+
+
+def group_epoch(partitioner: parallel.Partitioner, epochs: Sequence[PointEpoch],
+                active: Optional[Sequence[bool]]) -> GroupEpoch:
+    """The round's arguments of the points' drawn `epochs`; `active` None: a single point
+    trained alone (no point axis), else the group's active mask."""
+    if active is None:
+        (e,) = epochs
+        return GroupEpoch(e.epoch_inputs, None, partitioner.replicate(device_scalars(e.scalars)),
+                          partitioner.replicate(e.key), None, e.batches)
+    ei, ei_axes = stack_or_share([e.epoch_inputs for e in epochs])
+    scalars = [e.scalars for e in epochs]
+    return GroupEpoch(
+        _replicate_stacked(partitioner, ei, ei_axes), ei_axes,
+        partitioner.replicate({k: jnp.asarray(np.array([s[k] for s in scalars], np.float64),
+                                              jnp.float32) for k in scalars[0]}),
+        partitioner.replicate(jnp.stack([e.key for e in epochs])),
+        partitioner.replicate(jnp.asarray(list(active))),
+        # (n_batches, points, batch): the scan runs over batches, vmap over points.
+        type(epochs[0].batches)(*(np.stack(a, axis=1)
+                                  for a in zip(*[e.batches for e in epochs]))))
+
+
+def stack_states(partitioner: parallel.Partitioner, states: Sequence[TrainState]) -> TrainState:
+    """A vmapped group's state: the points' states stacked on a leading axis, replicated (of
+    abstract states, `jax.ShapeDtypeStruct`s)."""
+    stack = lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(states)):
+        return partitioner.replicate_shapes(jax.eval_shape(stack, *states))
+    return partitioner.replicate(stack(*states))
+
+
+def group_frozen(partitioner: parallel.Partitioner, setups: Sequence[PointSetup]) -> tuple:
+    """(frozen, vmap axes) of a vmapped group: the points' frozen inputs, leaves equal in every
+    point shared (kept where they were placed), the others stacked and replicated."""
+    frozen, axes = stack_or_share([s.frozen for s in setups])
+    return _replicate_stacked(partitioner, frozen, axes), axes
 
 
 def _replicate_stacked(partitioner, tree, axes):

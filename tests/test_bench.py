@@ -35,7 +35,7 @@ def test_bench_command_reports_every_quantity(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     bench.main(['--scale', 'tiny', '--epochs', '1', '--json', str(out)])
     text = capsys.readouterr().out
-    for what in ('compile train step', 'training epoch', 'evaluation valid + test',
+    for what in ('compile the training program', 'training epoch', 'evaluation valid + test',
                  'peak host RSS', 'peak device memory', 'parameters', 'floor', 'epoch / floor',
                  'On a GPU/TPU'):
         assert what in text, what

@@ -441,7 +441,7 @@ def point_model(cfg) -> ml_collections.ConfigDict:
 def test_config_variants_pass_the_checks(variant):
     cfg = freedom_configs.get_config(variant)
     assert cfg.model_name == 'freedom'
-    for forbidden in ('decay_weight', 'decay_base', 'matmul_dtype', 'transposed_features'):
+    for forbidden in ('decay_weight', 'decay_base', 'transposed_features'):
         assert forbidden not in cfg.model
     whole = ml_collections.ConfigDict({'model': point_model(cfg), 'train': cfg.train.to_dict()})
     assert [f for ok, f, _ in freedom.config_checks(whole, 100, 50) if not ok] == []

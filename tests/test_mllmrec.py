@@ -19,6 +19,8 @@ from configs import mllmrec as mllmrec_configs  # noqa: E402
 from lirdrec_jax import graph, model_inputs  # noqa: E402
 from lirdrec_jax.models import base, mllmrec  # noqa: E402
 from tests import torch_mllmrec as T  # noqa: E402
+from tests.mixed_precision import (assert_close_not_equal, assert_training_close,  # noqa: E402
+                              bfloat16_dots, first_step, tensor)
 
 # ----------------------------------------------------------------------------------------------
 # The item graph on paper
@@ -402,3 +404,59 @@ def test_vmapped_graph_settings_equal_each_point_alone(trainer_data, tmp_path, t
                                    [h['loss'] for h in alone['history']], rtol=1e-5)
     # The graph settings reach the step per point (through e): the losses differ.
     assert together[0]['history'][0]['loss'] != together[1]['history'][0]['loss']
+
+
+# ----------------------------------------------------------------------------------------------
+# model.matmul_dtype = 'bfloat16'
+# ----------------------------------------------------------------------------------------------
+
+def test_bfloat16_runs_both_first_layers_in_bfloat16(trainer_data):
+    """'float32' is the program without the field, bit for bit; 'bfloat16' runs the towers'
+    first layers (forward and kernel gradient) with bfloat16 operands and float32 results, and
+    stays close to float32."""
+    without = small_point()
+    del without.model['matmul_dtype']
+    runs = {d: first_step(small_point(matmul_dtype=d), trainer_data)
+            for d in ('float32', 'bfloat16')}
+    program, value, grads = first_step(without, trainer_data)
+    assert runs['float32'][0] == program and 'bf16' not in program
+    assert float(runs['float32'][1]) == float(value)
+    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+
+    b, f, p, h = 64, 6, 6, 4 * 16  # batch, e's and P's widths, hidden width
+    assert bfloat16_dots(runs['bfloat16'][0]) == sorted([
+        # item rows (positives and negatives interleaved), then their kernel gradient
+        (tensor(2 * b, f, 'bf16'), tensor(f, h, 'bf16'), tensor(2 * b, h, 'f32')),
+        (tensor(2 * b, f, 'bf16'), tensor(2 * b, h, 'bf16'), tensor(f, h, 'f32')),
+        # user rows, then their kernel gradient (e and P are constants: no input gradient)
+        (tensor(b, p, 'bf16'), tensor(p, h, 'bf16'), tensor(b, h, 'f32')),
+        (tensor(b, p, 'bf16'), tensor(b, h, 'bf16'), tensor(p, h, 'f32'))])
+    assert_close_not_equal(runs['float32'][1:], runs['bfloat16'][1:])
+
+
+def test_bfloat16_stores_e_and_p_in_bfloat16(trainer_data):
+    from lirdrec_jax import parallel, train
+    f32 = mllmrec.frozen_inputs(trainer_data.model, None, small_point().model)
+    assert f32.users is trainer_data.model.users  # float32: as prepared, no copy
+    cfg = small_point(matmul_dtype='bfloat16')
+    bf16 = mllmrec.frozen_inputs(trainer_data.model, None, cfg.model)
+    for a, b in zip(f32, bf16):
+        assert a.dtype == np.float32 and b.dtype == jnp.bfloat16 and 2 * b.nbytes == a.nbytes
+        np.testing.assert_array_equal(b, a.astype(jnp.bfloat16))  # rounded once, from e and P
+    placed = train.setup_point(cfg, trainer_data, parallel.Partitioner(num_devices=1)).frozen
+    assert [x.dtype for x in placed] == [jnp.bfloat16] * 2
+
+
+def test_bfloat16_training_stays_close(trainer_data, tmp_path):
+    assert_training_close(lambda dtype: small_point(matmul_dtype=dtype), trainer_data, tmp_path)
+
+
+def test_config_checks_name_matmul_dtype():
+    m = point_model(mllmrec_configs.get_config('baby'))
+    checks = lambda: [f for ok, f, _ in mllmrec.config_checks(
+        ml_collections.ConfigDict({'model': m}), 100, 50) if not ok]
+    assert m.matmul_dtype == 'float32' and checks() == []
+    m.matmul_dtype = 'float16'
+    assert checks() == ['model.matmul_dtype']
+    m.matmul_dtype, m.cpu_dot = 'bfloat16', 'eigen'  # Eigen's bfloat16 GEMM is slow
+    assert checks() == ['model.cpu_dot']

@@ -22,6 +22,12 @@ it into the generic trainer):
 - The lambdas come from the `rng` the trainer passes to `loss`; `forward`/`loss_with_mix_weights`
   take them explicitly (the parity command feeds the reference's own draws through them).
 
+`model.matmul_dtype = 'bfloat16'` (ours, not the reference's; default 'float32') stores the
+image and text features in bfloat16 (rounded once, in `frozen_inputs`: half the bytes) and
+runs the products that read them, the towers' first layers and the two projections (the
+dominant FLOPs), with bfloat16 operands and float32 accumulation (`layers.mixed_matmul`);
+parameters, the rest of the forward pass and the loss stay float32.
+
 Where the code reproduces a quirk of the reference on purpose, or deliberately differs from it,
 a comment says so at that place.
 """
@@ -35,7 +41,8 @@ from flax import linen as nn
 
 from lirdrec_jax import graph
 from lirdrec_jax.models import base
-from lirdrec_jax.models.layers import (Tower, l2_normalize, torch_linear_bias_init,
+from lirdrec_jax.models.layers import (Tower, TorchDense, l2_normalize, matmul_dtype_checks,
+                                       matmul_input_dtype, torch_linear_bias_init,
                                        xavier_normal_init)
 
 VIEWS = ('image', 'text', 'mix')
@@ -113,6 +120,8 @@ class CM3(nn.Module):
     `result_embed` (the loss normalises them). I' >= I: rows beyond n_items are padding of
     features split over devices.
 
+    `matmul_dtype` is the dtype of the products that read the features (the towers' first
+    layers and the projections; the features are then bfloat16 too, see `frozen_inputs`).
     `layout` (from `parallel.Partitioner.layout_hook`, None on one device) keeps the towers'
     and projections' work split by item like the features; the stacked embeddings are then
     replicated for the propagation.
@@ -122,6 +131,7 @@ class CM3(nn.Module):
     dim: int = 64
     n_ui_layers: int = 3
     n_mm_layers: int = 1
+    matmul_dtype: str = 'float32'
     layout: Optional[Callable[[jax.Array, str], jax.Array]] = None
 
     def _items(self, x: jax.Array) -> jax.Array:
@@ -130,9 +140,14 @@ class CM3(nn.Module):
 
     def _projection(self, x: jax.Array, name: str) -> jax.Array:
         # nn.Linear(d, dim) with xavier_normal_ weight (set by the reference after construction)
-        # and nn.Linear's default bias.
-        dense = nn.Dense(self.dim, kernel_init=xavier_normal_init,
-                         bias_init=torch_linear_bias_init(x.shape[-1]), name=name)
+        # and nn.Linear's default bias. In bfloat16, the same parameters through
+        # `layers.mixed_matmul` (nn.Dense would promote bfloat16 features to float32).
+        if self.matmul_dtype == 'float32':
+            dense = nn.Dense(self.dim, kernel_init=xavier_normal_init,
+                             bias_init=torch_linear_bias_init(x.shape[-1]), name=name)
+        else:
+            dense = TorchDense(self.dim, matmul_dtype=self.matmul_dtype,
+                               kernel_init=xavier_normal_init, name=name)
         return self._items(dense(x))
 
     @nn.compact
@@ -140,7 +155,7 @@ class CM3(nn.Module):
                  mix_weights: jax.Array):
         prefs = [self.param(f'{name}_preference', xavier_normal_init, (self.n_users, self.dim))
                  for name in VIEWS]
-        towers = [self._items(Tower(self.dim, name=f'{name}_tower')(x))
+        towers = [self._items(Tower(self.dim, self.matmul_dtype, name=f'{name}_tower')(x))
                   for name, x in (('image', image), ('text', text))]
         p_text = l2_normalize(self._projection(text, 'text_projection'))
         p_image = l2_normalize(self._projection(image, 'image_projection'))
@@ -257,10 +272,10 @@ class Frozen(NamedTuple):
     """A point's frozen inputs.
 
     Attributes:
-      image, text: (I', d_m) the features (split by item over the devices once placed). They
-        are constants: the reference registers trainable copies (`image_embedding`,
-        `text_embedding`) but its forward pass reads the raw tables, so those copies never get
-        a gradient (quirk CR4).
+      image, text: (I', d_m) the features (split by item over the devices once placed),
+        float32, or bfloat16 with `model.matmul_dtype = 'bfloat16'`. They are constants:
+        the reference registers trainable copies (`image_embedding`, `text_embedding`) but its
+        forward pass reads the raw tables, so those copies never get a gradient (quirk CR4).
       user_item: (U+I, U+I) the normalised adjacency.
       item_item: (I, I) the kNN item graph of the point's (knn_k, mm_image_weight).
     """
@@ -292,7 +307,7 @@ def config_checks(cfg, n_users: int, n_items: int) -> list:
         (m.alpha > 0.0, 'model.alpha', '> 0 (the Beta(alpha, alpha) concentration)'),
         (-1.0 <= m.min_sim <= 1.0, 'model.min_sim', 'in [-1, 1] (a cosine)'),
         (m.min_sim <= m.max_sim <= 1.0, 'model.max_sim', f'in [min_sim={m.min_sim}, 1]'),
-    ]
+    ] + matmul_dtype_checks(m)
 
 
 def static_key(model_cfg) -> str:
@@ -324,8 +339,12 @@ def item_graph(prepared: Prepared, knn_k: int, mm_image_weight: float):
 
 
 def frozen_inputs(prepared: Prepared, dataset, model_cfg) -> Frozen:
+    """The features in the point's `model.matmul_dtype` (float32 as prepared, or a bfloat16
+    copy), the adjacency and the point's kNN item graph (built from the float32 features)."""
     del dataset
-    return Frozen(prepared.image, prepared.text, prepared.user_item,
+    dtype = matmul_input_dtype(str(model_cfg.get('matmul_dtype', 'float32')))
+    cast = lambda x: x if x.dtype == dtype else np.asarray(x, dtype)
+    return Frozen(cast(prepared.image), cast(prepared.text), prepared.user_item,
                   item_graph(prepared, int(model_cfg.knn_k), float(model_cfg.mm_image_weight)))
 
 
@@ -341,7 +360,7 @@ def place_frozen(frozen: Frozen, partitioner, options) -> Frozen:
 def create(model_cfg, n_users: int, n_items: int, layout=None) -> CM3:
     return CM3(n_users=int(n_users), n_items=int(n_items), dim=int(model_cfg.embedding_size),
                n_ui_layers=int(model_cfg.n_ui_layers), n_mm_layers=int(model_cfg.n_mm_layers),
-               layout=layout)
+               matmul_dtype=str(model_cfg.get('matmul_dtype', 'float32')), layout=layout)
 
 
 def forward(net: CM3, params, frozen: Frozen, mix_weights: jax.Array) -> tuple:

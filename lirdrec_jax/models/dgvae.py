@@ -41,6 +41,13 @@ Evaluation: `eval_embeddings` returns the users' K factor vectors z (n_users, K,
 items' unit embeddings and log factor assignments; `score` ranks with the logits above (not a
 dot product, hence the interface's `score` hook).
 
+`model.matmul_dtype = 'bfloat16'` (ours, not the reference's; default 'float32') runs the two
+encoders' (K B, n) x (n, 2d) products, two thirds of the dense FLOPs, with bfloat16 operands
+and float32 accumulation (`layers.mixed_matmul`, gradients included). Their inputs x_k are
+computed in the step from the user rows and the trainable assignments, so they are rounded
+there; the stored user matrices, the parameters, the decoders (whose logits are scaled by
+1/tau) and the loss stay float32.
+
 Where the code reproduces a quirk of the reference (enoche/DGVAE, code/dgvae.py, main.py,
 dataset.py) on purpose, or deliberately differs from it, a comment says so at that place.
 """
@@ -56,6 +63,7 @@ import scipy.sparse as sp
 
 from lirdrec_jax import graph
 from lirdrec_jax.models import base
+from lirdrec_jax.models.layers import matmul_dtype_checks, mixed_matmul
 
 WORDS_FIELD = 'words_file'
 WORDS_BUILD = 'python -m data_prep.words --data_dir {data_dir} --dataset {dataset}'
@@ -231,6 +239,7 @@ class DgvaeNet(NamedTuple):
     n_items: int
     dim: int = 64
     n_prototypes: int = 3
+    matmul_dtype: str = 'float32'  # of the encoders' products (`encode`)
 
 
 class Noise(NamedTuple):
@@ -352,8 +361,10 @@ def text_encoder_input(x: jax.Array, cates: jax.Array) -> jax.Array:
     return l2_normalize(x[None, :, :] * cates.T[:, None, :])
 
 
-def encode(view: dict, xk: jax.Array, keep, eps, dropout) -> tuple:
-    """The encoder of one view for all K factors.
+def encode(view: dict, xk: jax.Array, keep, eps, dropout,
+           matmul_dtype: str = 'float32') -> tuple:
+    """The encoder of one view for all K factors; its product in `matmul_dtype`
+    (`layers.mixed_matmul`).
 
     Args:
       view: the view's params.
@@ -369,8 +380,8 @@ def encode(view: dict, xk: jax.Array, keep, eps, dropout) -> tuple:
     if keep is not None:
         xk = xk * (keep / (1.0 - dropout))  # nn.Dropout: x * (mask / (1 - p))
     k, b, n = xk.shape
-    h = (xk.reshape(k * b, n) @ view['encoder']['kernel'] + view['encoder']['bias']
-         ).reshape(k, b, 2 * d)
+    h = (mixed_matmul(xk.reshape(k * b, n), view['encoder']['kernel'], matmul_dtype)
+         + view['encoder']['bias']).reshape(k, b, 2 * d)
     mu = l2_normalize(h[..., :d])
     logvar = -h[..., d:]
     z = mu if eps is None else mu + eps * jnp.exp(0.5 * logvar)
@@ -438,10 +449,10 @@ class Forward(NamedTuple):
 
 
 def forward(params: dict, cf_rows: Rows, x_text: jax.Array, two_hop: TwoHop,
-            noise: Optional[Noise], tau, dropout) -> Forward:
+            noise: Optional[Noise], tau, dropout, matmul_dtype: str = 'float32') -> Forward:
     """Both encoders, the co-attention and both decoders for the users' item rows `cf_rows` and
     (B, n_words) word rows `x_text`. `noise` None: evaluation mode (softmax assignments, no
-    dropout, z = mu)."""
+    dropout, z = mu). `matmul_dtype`: of the encoders' products."""
     cf, text = params['cf_network'], params['text_network']
     train = noise is not None
     cf_cates, cf_log_cates, cf_items = factor_assignments(
@@ -450,10 +461,10 @@ def forward(params: dict, cf_rows: Rows, x_text: jax.Array, two_hop: TwoHop,
         text, tau, noise.text_gumbel if train else None)
     z_cf, cf_logvar = encode(cf, cf_encoder_input(cf_rows, cf_cates, two_hop),
                              noise.cf_keep if train else None,
-                             noise.cf_eps if train else None, dropout)
+                             noise.cf_eps if train else None, dropout, matmul_dtype)
     z_text, text_logvar = encode(text, text_encoder_input(x_text, text_cates),
                                  noise.text_keep if train else None,
-                                 noise.text_eps if train else None, dropout)
+                                 noise.text_eps if train else None, dropout, matmul_dtype)
     text_given_cf = co_attention(z_cf, z_text, z_text)
     cf_given_text = co_attention(z_text, z_cf, z_cf)
     z = cf_given_text + text_given_cf
@@ -485,12 +496,14 @@ def weight_norm_reg(view: dict, item_reg, prototype_reg) -> jax.Array:
 
 
 def loss_terms(params: dict, cf_rows: Rows, x_text: jax.Array, weights: jax.Array,
-               two_hop: TwoHop, noise: Noise, scalars: dict, step) -> LossTerms:
+               two_hop: TwoHop, noise: Noise, scalars: dict, step,
+               matmul_dtype: str = 'float32') -> LossTerms:
     """The training loss of one batch (rows weighted by `weights`, 0 on padding) at update
-    `step` (1-based, the reference's `self.update` after its increment)."""
+    `step` (1-based, the reference's `self.update` after its increment); the encoders'
+    products in `matmul_dtype`."""
     s = scalars
     x_cf = cf_rows.dense
-    out = forward(params, cf_rows, x_text, two_hop, noise, s['tau'], s['dropout'])
+    out = forward(params, cf_rows, x_text, two_hop, noise, s['tau'], s['dropout'], matmul_dtype)
     total_weight = jnp.maximum(jnp.sum(weights), 1.0)
     mean = lambda rows: jnp.sum(weights * rows) / total_weight
     cf_ce, text_ce = mean(ce_rows(x_cf, out.cf_logits)), mean(ce_rows(x_text, out.text_logits))
@@ -506,10 +519,11 @@ def loss_terms(params: dict, cf_rows: Rows, x_text: jax.Array, weights: jax.Arra
     return LossTerms(total, cf_ce, cf_kl, text_ce, text_kl, mi, reg_cf + reg_text, a_r, a_t)
 
 
-def user_factors(params: dict, frozen: Frozen, users: jax.Array, tau) -> jax.Array:
+def user_factors(params: dict, frozen: Frozen, users: jax.Array, tau,
+                 matmul_dtype: str = 'float32') -> jax.Array:
     """(b, K, d) evaluation-mode factors z of the users `users` ((b,) int)."""
     out = forward(params, gather_rows(frozen.ratings, users), dense_rows(frozen.words, users),
-                  frozen.two_hop, None, tau, 0.0)
+                  frozen.two_hop, None, tau, 0.0, matmul_dtype)
     return out.cf_given_text + out.text_given_cf
 
 
@@ -546,7 +560,7 @@ def config_checks(cfg, n_users: int, n_items: int) -> list:
         (m.prototype_reg >= 0.0, 'model.prototype_reg', '>= 0'),
         (1 <= m.knn_k <= n_items, 'model.knn_k', f'in [1, n_items={n_items}]'),
         (0.0 <= m.mm_image_weight <= 1.0, 'model.mm_image_weight', 'in [0, 1]'),
-    ]
+    ] + matmul_dtype_checks(m)
 
 
 def rating_matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int
@@ -607,7 +621,8 @@ def create(model_cfg, n_users: int, n_items: int, layout=None) -> DgvaeNet:
     del layout
     return DgvaeNet(n_users=int(n_users), n_items=int(n_items),
                     dim=int(model_cfg.embedding_size),
-                    n_prototypes=int(model_cfg.num_prototypes))
+                    n_prototypes=int(model_cfg.num_prototypes),
+                    matmul_dtype=str(model_cfg.get('matmul_dtype', 'float32')))
 
 
 _init_params = jax.jit(init_params, static_argnums=(1, 2))
@@ -640,7 +655,7 @@ def loss(net: DgvaeNet, params: dict, carry: dict, batch, frozen: Frozen, epoch_
     x_text = dense_rows(frozen.words, batch.users)
     noise = draw_noise(rng, net, frozen.words.n_cols, batch.users.shape[0], scalars)
     terms = loss_terms(params, cf_rows, x_text, batch.weights, frozen.two_hop, noise, scalars,
-                       step.astype(jnp.float32))
+                       step.astype(jnp.float32), net.matmul_dtype)
     return terms.total, {'update': step}
 
 
@@ -652,7 +667,7 @@ def eval_embeddings(net: DgvaeNet, params: dict, carry, frozen: Frozen, epoch_in
     tau = scalars['tau']
     n_chunks = -(-net.n_users // EVAL_CHUNK)
     users = jnp.arange(n_chunks * EVAL_CHUNK, dtype=jnp.int32) % net.n_users
-    z = jax.lax.map(lambda u: user_factors(params, frozen, u, tau),
+    z = jax.lax.map(lambda u: user_factors(params, frozen, u, tau, net.matmul_dtype),
                     users.reshape(n_chunks, EVAL_CHUNK))
     z = z.reshape(n_chunks * EVAL_CHUNK, net.n_prototypes, net.dim)[:net.n_users]
     _, log_cates, items = factor_assignments(params['cf_network'], tau, None)

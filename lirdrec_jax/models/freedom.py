@@ -28,6 +28,12 @@ State, on the interface of `models/base.py`:
   training edges kept in `Prepared` (`epoch_inputs` receives `prepared`, not `frozen`); with
   `dropout == 0`, None, and the step uses the full adjacency, as the reference does.
 
+`model.matmul_dtype = 'bfloat16'` (ours, not the reference's; default 'float32') runs the
+feature projections P_m(F_m[rows]), the dominant FLOPs, with bfloat16 operands and float32
+accumulation (`layers.mixed_matmul`, gradients included). The feature tables are parameters,
+so they stay float32 (only the gathered rows are rounded, in the step); nothing is stored in
+bfloat16.
+
 Where the code reproduces a quirk of the reference (enoche/FREEDOM, src/models/freedom.py) on
 purpose, or deliberately differs from it, a comment says so at that place.
 """
@@ -40,6 +46,7 @@ import numpy as np
 
 from lirdrec_jax import graph, losses
 from lirdrec_jax.models import base
+from lirdrec_jax.models.layers import matmul_dtype_checks, mixed_matmul
 
 # The order in which the reference adds the auxiliary terms (text first, then image).
 MODALITIES = ('text', 'image')
@@ -85,6 +92,7 @@ class FreedomNet(NamedTuple):
     dim: int = 64
     n_ui_layers: int = 2
     n_mm_layers: int = 1
+    matmul_dtype: str = 'float32'  # of the feature projections (`project`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +159,10 @@ def forward(net: FreedomNet, params: dict, user_item: graph.SparseMatrix,
     return mean[:net.n_users], mean[net.n_users:] + h
 
 
-def project(params: dict, modality: str, rows: jax.Array) -> jax.Array:
-    """P_m(F_m)[rows]: (n,) item ids -> (n, d).
+def project(params: dict, modality: str, rows: jax.Array,
+            matmul_dtype: str = 'float32') -> jax.Array:
+    """P_m(F_m)[rows]: (n,) item ids -> (n, d), the product in `matmul_dtype`
+    (`layers.mixed_matmul`).
 
     The reference projects the whole table and then gathers; gathering the rows first is the
     same function with the same gradients (rows not gathered get none either way), at the cost
@@ -160,7 +170,8 @@ def project(params: dict, modality: str, rows: jax.Array) -> jax.Array:
     cancels in every BPR margin u.(Wp + b) - u.(Wn + b): its gradient is zero up to rounding.
     """
     trs = params[f'{modality}_trs']
-    return params[f'{modality}_embedding'][rows] @ trs['kernel'] + trs['bias']
+    return mixed_matmul(params[f'{modality}_embedding'][rows], trs['kernel'],
+                        matmul_dtype) + trs['bias']
 
 
 def batch_loss(net: FreedomNet, params: dict, batch, user_item: graph.SparseMatrix,
@@ -175,7 +186,7 @@ def batch_loss(net: FreedomNet, params: dict, batch, user_item: graph.SparseMatr
     both = jnp.concatenate([batch.positives, batch.negatives])
     feature_terms = 0.0
     for m in modalities(params):
-        projected = project(params, m, both)
+        projected = project(params, m, both, net.matmul_dtype)
         feature_terms = feature_terms + losses.bpr_loss(u, projected[:n], projected[n:],
                                                         batch.weights)
     return ranking + reg_weight * feature_terms
@@ -210,7 +221,7 @@ def config_checks(cfg, n_users: int, n_items: int) -> list:
         (m.n_mm_layers >= 0, 'model.n_mm_layers', '>= 0'),
         (m.embedding_size >= 1, 'model.embedding_size', '>= 1'),
         (m.reg_weight >= 0.0, 'model.reg_weight', '>= 0'),
-    ]
+    ] + matmul_dtype_checks(m)
 
 
 def prepare(dataset) -> Prepared:
@@ -261,7 +272,8 @@ def create(model_cfg, n_users: int, n_items: int, layout=None) -> FreedomNet:
     del layout
     return FreedomNet(n_users=int(n_users), n_items=int(n_items),
                       dim=int(model_cfg.embedding_size), n_ui_layers=int(model_cfg.n_ui_layers),
-                      n_mm_layers=int(model_cfg.n_mm_layers))
+                      n_mm_layers=int(model_cfg.n_mm_layers),
+                      matmul_dtype=str(model_cfg.get('matmul_dtype', 'float32')))
 
 
 def init(key: jax.Array, net: FreedomNet, frozen: Frozen, host_frozen: Frozen) -> tuple:

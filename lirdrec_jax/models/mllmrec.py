@@ -30,9 +30,15 @@ State, on the interface of `models/base.py`:
 - params: `item_tower`, `user_tower`, each {'hidden': {kernel (d_in, 4 dim), bias},
   'out': {kernel (4 dim, dim), bias}} (the reference's MLP/MLP_1 and MLP_u/MLP_u_1).
 - carry: `()`; host: `{}`; scalars: `{}` (the trainer adds the learning rate).
-- frozen: `Frozen(items=e (I, F_dim), users=P (U, P_dim))`, float32, replicated.
+- frozen: `Frozen(items=e (I, F_dim), users=P (U, P_dim))`, float32 (or bfloat16, below),
+  replicated.
 - sweep fields: knn_k, knn_jac, pure and n_ii_layers reach the step only through the values
   of e (a fixed (I, F_dim) shape), so points differing in them can share a compiled program.
+
+`model.matmul_dtype = 'bfloat16'` (ours, not the reference's; default 'float32') stores e and P
+in bfloat16 (rounded once, in `frozen_inputs`: half the bytes) and runs both towers' first
+layers, the dominant FLOPs, with bfloat16 operands and float32 accumulation
+(`layers.mixed_matmul`); parameters, the second layers and the loss stay float32.
 
 Where the code reproduces a quirk of the reference (Yuzhuo-Dang/MLLMRec, src/models/mllmrec.py
 and src/utils/utils.py) on purpose, a comment says so at that place.
@@ -47,7 +53,7 @@ from flax import linen as nn
 
 from lirdrec_jax import graph, losses
 from lirdrec_jax.models import base
-from lirdrec_jax.models.layers import TorchDense
+from lirdrec_jax.models.layers import TorchDense, matmul_dtype_checks, matmul_input_dtype
 
 # The config fields of `data` that name the two input files, and their rows.
 ITEM_FILE_FIELD = 'image_text_file'
@@ -233,12 +239,16 @@ class BiasedTower(nn.Module):
     noise (measured exactly 0 here, where a row's two terms are summed side by side; float32
     noise in the reference, which Adam turns into steps of up to lr), and it never changes a
     ranking.
+
+    `matmul_dtype` is the first layer's (`layers.mixed_matmul`); the second is float32.
     """
     dim: int
+    matmul_dtype: str = 'float32'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = nn.leaky_relu(TorchDense(4 * self.dim, name='hidden')(x), negative_slope=0.01)
+        hidden = nn.leaky_relu(TorchDense(4 * self.dim, matmul_dtype=self.matmul_dtype,
+                                          name='hidden')(x), negative_slope=0.01)
         return TorchDense(self.dim, name='out')(hidden)
 
 
@@ -247,13 +257,15 @@ class MLLMRecNet(nn.Module):
 
     Rows are independent, so the caller may pass all items and users (evaluation) or only a
     batch's rows (training): the same function and, for the weights, the same gradients.
+    `matmul_dtype`: of both towers' first layers.
     """
     dim: int = 64
+    matmul_dtype: str = 'float32'
 
     @nn.compact
     def __call__(self, items: jax.Array, users: jax.Array) -> tuple:
-        h_i = BiasedTower(self.dim, name='item_tower')(items)
-        h_u = BiasedTower(self.dim, name='user_tower')(users)
+        h_i = BiasedTower(self.dim, self.matmul_dtype, name='item_tower')(items)
+        h_u = BiasedTower(self.dim, self.matmul_dtype, name='user_tower')(users)
         return h_u, h_i
 
 
@@ -300,7 +312,8 @@ class Prepared(NamedTuple):
 
 
 class Frozen(NamedTuple):
-    """A point's frozen inputs: e (n_items, F_dim) and P (n_users, P_dim), float32."""
+    """A point's frozen inputs: e (n_items, F_dim) and P (n_users, P_dim), float32, or bfloat16
+    with `model.matmul_dtype = 'bfloat16'`."""
     items: jax.Array
     users: jax.Array
 
@@ -317,7 +330,7 @@ def config_checks(cfg, n_users: int, n_items: int) -> list:
         # pure <= 0 the zeros outside the top-k would become edges too.
         (0.0 < m.pure <= 1.0, 'model.pure', 'in (0, 1] (the similarity an edge needs)'),
         (m.n_ii_layers >= 0, 'model.n_ii_layers', '>= 0'),
-    ]
+    ] + matmul_dtype_checks(m)
 
 
 def _input(dataset, field: str, rows: str, n: int) -> np.ndarray:
@@ -362,17 +375,23 @@ def point_item_graph(prepared: Prepared, model_cfg) -> sp.csr_matrix:
 
 
 def frozen_inputs(prepared: Prepared, dataset, model_cfg) -> Frozen:
-    """e from the point's item graph (computed here, once) and P. The graph is not cached on
-    disk (the reference caches it as ii_mat_{knn_jac}_{pure}.pt in the data folder)."""
+    """e from the point's item graph (computed here, once) and P, in the point's
+    `model.matmul_dtype` (float32, or bfloat16 copies rounded from the float32 e and P). The
+    graph is not cached on disk (the reference caches it as ii_mat_{knn_jac}_{pure}.pt in the
+    data folder)."""
     del dataset
+    dtype = matmul_input_dtype(str(model_cfg.get('matmul_dtype', 'float32')))
+    cast = lambda x: x if x.dtype == dtype else np.asarray(x, dtype)
     s = point_item_graph(prepared, model_cfg)
-    return Frozen(item_inputs(s, prepared.items, int(model_cfg.n_ii_layers)), prepared.users)
+    return Frozen(cast(item_inputs(s, prepared.items, int(model_cfg.n_ii_layers))),
+                  cast(prepared.users))
 
 
 def place_frozen(frozen: Frozen, partitioner, options) -> Frozen:
     """Both tables replicated on every device (a batch gathers arbitrary rows). The host
-    arrays are placed as they are (float32 already), so that a vmapped group's placement,
-    memoised on the host object, places a table the points share (P) once."""
+    arrays are placed as they are (already in their dtype), so that a vmapped group's
+    placement, memoised on the host object (equal tables made one object), places a table the
+    points share (P) once."""
     del options
     return Frozen(*partitioner.replicate([frozen.items, frozen.users]))
 
@@ -380,7 +399,8 @@ def place_frozen(frozen: Frozen, partitioner, options) -> Frozen:
 def create(model_cfg, n_users: int, n_items: int, layout=None) -> MLLMRecNet:
     """The net; the input widths come from the frozen tables at `init`."""
     del n_users, n_items, layout
-    return MLLMRecNet(dim=int(model_cfg.feat_embed_dim))
+    return MLLMRecNet(dim=int(model_cfg.feat_embed_dim),
+                      matmul_dtype=str(model_cfg.get('matmul_dtype', 'float32')))
 
 
 def init(key: jax.Array, net: MLLMRecNet, frozen: Frozen, host_frozen: Frozen) -> tuple:

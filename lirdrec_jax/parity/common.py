@@ -4,7 +4,13 @@ measures the noise floor of the training trajectories. Model-specific check sequ
 `lirdrec_jax/parity/<model>.py`."""
 import contextlib
 import copy
-from typing import Callable, List, NamedTuple, Optional
+import itertools
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -465,3 +471,227 @@ def kink_tolerant_gradient_checks(keys, our_grads: dict, ref_grads: dict, tol_gr
                                    f'gradient differs by {check.max_abs:.2g} (a float32 kink)')
         out.append(check)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark's reference timing (`python -m lirdrec_jax.bench --reference`)
+# ----------------------------------------------------------------------------------------------
+
+# (phase, method) of the reference model timed inside its constructor: the methods of the
+# MMRec-framework references (enoche/LIRDRec, enoche/FREEDOM) that build its graphs.
+REFERENCE_GRAPH_METHODS = (('adjacency', 'get_norm_adj_mat'), ('graph', 'get_knn_adj_mat'))
+# What `dense_knn_plan` adds to the dense similarity matrix: the features held while it is
+# built (features, their unit-norm copy, a derived view) and a margin.
+DENSE_KNN_FEATURE_COPIES = 3
+DENSE_KNN_MARGIN_BYTES = 1 << 30
+
+
+class ReferenceGraphCache(NamedTuple):
+    """A reference's kNN-graph cache file, which it reads instead of building the graph.
+
+    Attributes:
+      file_name: its name in the dataset folder, for one point (e.g. LIRDRec's
+        'mm_adj_lirdrec_{knn_k}_{int(10 * mm_image_weight)}.pt').
+      build: `(dataset, point_cfg) -> scipy sparse (n_items, n_items)`: our graph with the
+        values the reference's would have.
+    """
+    file_name: str
+    build: Callable
+
+
+def modality_knn_cache(prefix: str, point) -> ReferenceGraphCache:
+    """The graph cache of an MMRec-framework reference that mixes the modalities' kNN graphs
+    (w * image + (1 - w) * text, each normalised, as `graph.knn_item_graph_scipy`) and caches
+    it as '<prefix>_{knn_k}_{int(10 * mm_image_weight)}.pt' (LIRDRec: 'mm_adj_lirdrec',
+    FREEDOM: 'mm_adj_freedomdsp')."""
+    from lirdrec_jax import graph
+    m = point.model
+
+    def build(dataset, point_cfg):
+        feats = [f for f in (dataset.image_feat, dataset.text_feat) if f is not None]
+        weights = graph.modality_weights(dataset.image_feat is not None,
+                                         dataset.text_feat is not None,
+                                         float(point_cfg.model.mm_image_weight))
+        return graph.knn_item_graph_scipy(feats, weights, int(point_cfg.model.knn_k))
+
+    # int(10 * w) as the reference computes it (0.1 -> 1, 0.3 -> 3).
+    return ReferenceGraphCache(f'{prefix}_{int(m.knn_k)}_{int(10 * float(m.mm_image_weight))}.pt',
+                               build)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def dense_knn_plan(n_items: int, feature_bytes: int, choice: str = 'auto',
+                   available: Optional[int] = None) -> Tuple[bool, str]:
+    """Whether the reference builds its kNN graph from a dense (n_items, n_items) float32
+    similarity matrix (`choice` 'build'), reads ours from its cache file ('ours'), or, for
+    'auto', builds it when the matrix, the features held meanwhile and a margin fit in the
+    available memory (`available`: bytes, default MemAvailable; unknown = fits).
+
+    Returns:
+      (build, why): e.g. (False, 'not built by the reference: its dense 63001 x 63001 float32
+      similarity (14.79 GiB) plus ... needs 19.1 GiB, 12.3 GiB available; ...').
+    """
+    dense = 4 * n_items ** 2
+    need = dense + DENSE_KNN_FEATURE_COPIES * feature_bytes + DENSE_KNN_MARGIN_BYTES
+    gib = lambda n: f'{n / 2 ** 30:.2f} GiB'
+    size = (f'its dense {n_items} x {n_items} float32 similarity ({gib(dense)}) and the features '
+            f'held meanwhile need about {gib(need)}')
+    if choice == 'build':
+        return True, f'built by the reference (asked for; {size})'
+    if choice == 'ours':
+        return False, 'ours, read from its cache file (asked for): its build is not measured'
+    if choice != 'auto':
+        raise ValueError(f'reference graph choice {choice!r}; expected auto, build or ours')
+    available = available_memory_bytes() if available is None else available
+    if available is None or need <= available:
+        return True, f'built by the reference ({size}' + (
+            f', {gib(available)} available)' if available is not None else ')')
+    return False, (f'not built by the reference: {size}, {gib(available)} available; ours was '
+                   'written to its cache file, so its graph build is not measured')
+
+
+def write_graph_cache(path, matrix) -> None:
+    """A scipy sparse matrix saved as the float32 torch sparse COO tensor a reference's
+    `torch.load` of its graph cache file gives."""
+    import torch
+    coo = sp.coo_matrix(matrix)
+    coo.sum_duplicates()
+    indices = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
+    tensor = torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data.astype(np.float32)),
+                                     coo.shape).coalesce()
+    torch.save(tensor, path)
+
+
+def _with_timed_methods(cls: type, methods, phases) -> type:
+    """A subclass of the reference model class whose `methods` ((phase, name) pairs; absent
+    names skipped) add their wall time to `phases` (same class name and parameters)."""
+    def timed(phase, fn):
+        def wrapper(self, *args, **kwargs):
+            with phases.time(phase):
+                return fn(self, *args, **kwargs)
+        wrapper.__name__ = fn.__name__
+        return wrapper
+    members = {name: timed(phase, getattr(cls, name)) for phase, name in methods
+               if callable(getattr(cls, name, None))}
+    return type(cls.__name__, (cls,), {'__module__': cls.__module__, **members})
+
+
+def _write_reference_files(folder, dataset, point) -> None:
+    """The feature tables and the model's extra input files where the reference reads them."""
+    for name, table in ((point.data.image_file, dataset.image_feat),
+                        (point.data.text_file, dataset.text_feat)):
+        if name and table is not None:  # an absent modality stays absent for it too
+            np.save(folder / name, table)
+    for field, name in reference.input_file_names(point).items():
+        value = dataset.extra[field]
+        if sp.issparse(value):  # a 'sparse' input file (`base.InputFile.kind`)
+            sp.save_npz(folder / name, value)
+        else:
+            np.save(folder / name, value)
+
+
+def _rewind(loader) -> None:
+    """An MMRec TrainDataLoader stopped before its end starts its next pass from the beginning
+    (it rewinds itself only when it runs out)."""
+    for attr in ('pr', 'inter_pr'):
+        if hasattr(loader, attr):
+            setattr(loader, attr, 0)
+
+
+def benchmark_reference(checkout, dataset, args, point, model_module: str, class_name: str,
+                        repository: str, *,
+                        unused_parameters: tuple = reference.UNUSED_REFERENCE_PARAMETERS,
+                        methods=REFERENCE_GRAPH_METHODS,
+                        graph_cache: Optional[ReferenceGraphCache] = None) -> dict:
+    """Time the reference on `dataset` at our grid point `point`, phase by phase: its data
+    loaders, its model's construction (the graph-building `methods` timed inside it), and
+    per epoch its host work (`pre_epoch_processing` and the start of the loader's pass, which
+    shuffles) and training, then one valid + test evaluation and `args.eval_repeats` more.
+
+    `args.batches` = N > 0: each of `args.epochs` epochs trains only the loader's first N
+    batches and the epoch is extrapolated as n_batches / N x measured (the loader is rewound
+    for the next epoch). `args.reference_graph` ('auto', 'build', 'ours'; `dense_knn_plan`)
+    decides, with `graph_cache`, whether the reference builds its kNN graph or reads ours.
+    `args.on_phase`, if set, receives the phases after each.
+
+    Returns:
+      {'phases': {name: {'seconds', 'peak_rss_bytes'}}, 'n_batches', 'batches_timed',
+       'epoch_measured_seconds', 'epoch_seconds', 'epoch_extrapolated', 'batch_seconds',
+       'epoch_host_seconds', 'eval_seconds', 'eval_first_seconds', 'eval_repeats',
+       'construct_seconds', 'parameters', 'graph'} (peak RSS: of this process, ours included
+      when it ran here).
+    """
+    import torch
+    from lirdrec_jax.bench import Phases, eval_repeats, timed_batches
+    ref = reference.load_reference(checkout, model_module, class_name, repository)
+    phases = Phases(getattr(args, 'on_phase', None))
+    repeats = eval_repeats(args)
+    graph_note = None
+    with tempfile.TemporaryDirectory(prefix='lirdrec_bench_ref_') as tmp:
+        folder = Path(tmp) / dataset.name
+        folder.mkdir()
+        _write_reference_files(folder, dataset, point)
+        if graph_cache is not None:
+            feature_bytes = sum(f.nbytes for f in (dataset.image_feat, dataset.text_feat)
+                                if f is not None)
+            build, graph_note = dense_knn_plan(dataset.n_items, feature_bytes,
+                                               getattr(args, 'reference_graph', 'auto'))
+            if not build:
+                write_graph_cache(folder / graph_cache.file_name,
+                                  graph_cache.build(dataset, point))
+        config = reference.reference_config(point, tmp + os.sep, dataset.name)
+        torch.manual_seed(0)
+        with phases.time('loaders'):
+            train_data, valid_data, test_data = reference.reference_loaders(config, dataset)
+        model_class = _with_timed_methods(ref.Model, methods, phases)
+        with phases.time('construct'):
+            model = model_class(config, train_data)
+        with phases.time('trainer'):
+            trainer = ref.Trainer(config, model)
+        n_batches = (len(train_data) if hasattr(train_data, '__len__') else
+                     math.ceil(dataset.train.users.size / int(point.train.batch_size)))
+        n_timed = timed_batches(n_batches, int(getattr(args, 'batches', 0) or 0))
+        measured, host = [], []
+        for epoch in range(int(getattr(args, 'epochs', 1))):
+            with phases.time('epoch_inputs'):
+                start = time.perf_counter()
+                model.pre_epoch_processing()
+                batches = iter(train_data)
+                host.append(time.perf_counter() - start)
+            with phases.time('train'):
+                start = time.perf_counter()
+                trainer._train_epoch(itertools.islice(batches, n_timed), epoch)
+                measured.append(time.perf_counter() - start)
+            if n_timed < n_batches:
+                _rewind(train_data)
+            trainer.lr_scheduler.step()
+        evals = []
+        for r in range(repeats + 1):
+            with phases.time('evaluate') if r == 0 else contextlib.nullcontext():
+                start = time.perf_counter()
+                trainer.evaluate(valid_data)
+                trainer.evaluate(test_data)
+                evals.append(time.perf_counter() - start)
+    return {'phases': phases.as_dict(), 'n_batches': n_batches, 'batches_timed': n_timed,
+            'epoch_measured_seconds': measured,
+            'epoch_seconds': [n_batches / n_timed * m for m in measured],
+            'epoch_extrapolated': n_timed < n_batches,
+            'batch_seconds': min(measured) / n_timed, 'epoch_host_seconds': host,
+            'eval_seconds': min(evals[1:]) if repeats else evals[0],
+            'eval_first_seconds': evals[0], 'eval_repeats': repeats,
+            'construct_seconds': phases.seconds('construct'), 'graph': graph_note,
+            # Without the tables it registers but never reads (LIRDRec's feature copies,
+            # docs/reference_quirks.md D4): the parameters that train, comparable with ours.
+            'parameters': int(sum(p.numel() for name, p in model.named_parameters()
+                                  if not name.startswith(tuple(unused_parameters))))}

@@ -27,9 +27,10 @@ from lirdrec_jax.models import freedom
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
 from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, adam_step_checks,
-                                       built_reference, compare_sparse, export_check,
-                                       gradient_checks, imported_trainer, knn_tie_rows,
-                                       metric_floor_checks, numpy_of, our_adam_step,
+                                       benchmark_reference, built_reference, compare_sparse,
+                                       export_check, gradient_checks, imported_trainer,
+                                       knn_tie_rows, metric_floor_checks, modality_knn_cache,
+                                       numpy_of, our_adam_step,
                                        parameter_floor_checks, same_embedding_checks, torch_batch,
                                        torch_sparse_to_scipy)
 
@@ -80,11 +81,15 @@ def reference_model_config(point_cfg) -> dict:
 
 
 def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point_cfg) -> dict:
-    """The benchmark's `--reference` (bench.py): the reference timed on the same data. Its
-    feature tables are trained parameters (quirk M2), so every parameter counts."""
-    return reference.run_reference_benchmark(checkout, dataset, args, point_cfg, 'freedom',
-                                             'FREEDOM', repository=REFERENCE_REPO,
-                                             unused_parameters=())
+    """The benchmark's `--reference` (bench.py): the reference timed on the same data, phase by
+    phase (`common.benchmark_reference`: with `args.batches` its first N batches per epoch).
+    Its feature tables are trained parameters (quirk M2), so every parameter counts. Its kNN
+    graph comes from a dense n_items x n_items similarity; where that does not fit, ours is
+    written to its cache file `mm_adj_freedomdsp_{knn_k}_{int(10 * mm_image_weight)}.pt`
+    (`args.reference_graph`)."""
+    return benchmark_reference(checkout, dataset, args, point_cfg, 'freedom', 'FREEDOM',
+                               REFERENCE_REPO, unused_parameters=(),
+                               graph_cache=modality_knn_cache('mm_adj_freedomdsp', point_cfg))
 
 
 def modalities_of(dataset: MMRecDataset) -> Tuple[str, ...]:

@@ -18,9 +18,10 @@ from lirdrec_jax.models import lirdrec
 from lirdrec_jax.parity import checks as C
 from lirdrec_jax.parity import convert, reference
 from lirdrec_jax.parity.common import (ReferenceSide, ReferenceTwins, adam_step_checks,
-                                       compare_sparse, export_check, grads_by_reference_key,
+                                       benchmark_reference, compare_sparse, export_check, grads_by_reference_key,
                                        kink_tolerant_gradient_checks, knn_tie_rows,
-                                       metric_floor_checks, numpy_of, parameter_floor_checks,
+                                       metric_floor_checks, modality_knn_cache, numpy_of,
+                                       parameter_floor_checks,
                                        same_embedding_checks, torch_batch, torch_sparse_to_scipy)
 
 # Tolerances (docs/parity.md explains each).
@@ -128,9 +129,14 @@ def reference_model_config(point_cfg) -> dict:
 
 
 def run_reference_benchmark(checkout, dataset: MMRecDataset, args, point_cfg) -> dict:
-    """The benchmark's `--reference` (bench.py): the reference timed on the same data."""
-    return reference.run_reference_benchmark(checkout, dataset, args, point_cfg, 'lirdrec',
-                                             'LIRDRec')
+    """The benchmark's `--reference` (bench.py): the reference timed on the same data, phase by
+    phase (`common.benchmark_reference`: with `args.batches` its first N batches per epoch).
+    Its kNN graph comes from a dense n_items x n_items similarity; where that does not fit,
+    ours is written to its cache file `mm_adj_lirdrec_{knn_k}_{int(10 * mm_image_weight)}.pt`
+    (`args.reference_graph`)."""
+    return benchmark_reference(checkout, dataset, args, point_cfg, 'lirdrec', 'LIRDRec',
+                               'enoche/LIRDRec',
+                               graph_cache=modality_knn_cache('mm_adj_lirdrec', point_cfg))
 
 
 def _our_params_by_reference_key(params, dataset: MMRecDataset) -> dict:
