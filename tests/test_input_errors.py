@@ -40,6 +40,20 @@ def test_unknown_variant_on_the_command_line_prints_only_the_error_line():
     assert "'nosuch'" in lines[0] and 'synthetic, baby' in lines[0]
 
 
+@pytest.mark.parametrize('args, expected', [
+    ([], "error: --reference PATH (a clone of enoche/FREEDOM) is required"),
+    (['--reference', '/nowhere', 'extra'], "error: unexpected arguments ['extra']"),
+])
+def test_parity_command_mistakes_are_one_error_line(args, expected):
+    env = {k: v for k, v in os.environ.items() if k != 'LIRDREC_JAX_TRACEBACK'}
+    env['PYTHONPATH'] = str(REPO)
+    out = subprocess.run([sys.executable, '-m', 'lirdrec_jax.parity', '--config', 'freedom',
+                          *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(expected), lines[0]
+
+
 def test_topk_beyond_item_count_names_the_field_and_item_count():
     # The most-popular baseline ranks before any model trains: its guard must name the field.
     split = evaluation.build_eval_split(np.array([0]), np.array([1]), np.array([0]),

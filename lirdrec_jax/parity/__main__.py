@@ -48,7 +48,7 @@ def dataset_folder(data_cfg):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+        sys.exit(f'error: unexpected arguments {argv[1:]} (every option is a --flag)')
     from lirdrec_jax import models
     try:
         model = models.get_model(_CONFIG.value.model_name)
@@ -57,8 +57,8 @@ def main(argv):
     if model.parity is None:
         sys.exit(f'error: model {model.name!r} has no parity module')
     if not _REFERENCE.value:
-        raise app.UsageError(f'--reference PATH (a clone of {model.parity.reference_repo}) is '
-                             'required')
+        sys.exit(f'error: --reference PATH (a clone of {model.parity.reference_repo}) is '
+                 'required')
     logging.set_verbosity(logging.WARNING)
     import importlib
     import torch
@@ -68,7 +68,8 @@ def main(argv):
     torch.set_num_threads(os.cpu_count() or 1)
     points = grid.expand_grid(_CONFIG.value)
     if not 0 <= _POINT.value < len(points):
-        raise app.UsageError(f'--point {_POINT.value}: the config has {len(points)} grid points')
+        sys.exit(f'error: --point {_POINT.value}: the config has {len(points)} grid points '
+                 f'(0 to {len(points) - 1})')
     point = points[_POINT.value]
     print(f'grid point {point.index}: ' + ', '.join(f'{k}={v}' for k, v in point.values.items()))
     try:
@@ -79,8 +80,8 @@ def main(argv):
     if _FULL.value:
         from lirdrec_jax.parity import full
         if _SEEDS.value < 2:
-            raise app.UsageError(f'--seeds {_SEEDS.value}: --full needs at least 2 seeds per '
-                                 'side (the verdict compares with the seed-to-seed spread)')
+            sys.exit(f'error: --seeds {_SEEDS.value}: --full needs at least 2 seeds per side '
+                     '(the verdict compares with the seed-to-seed spread)')
         seeds = [_SEED.value + i for i in range(_SEEDS.value)]
         try:
             outcome = full.run_for_model(run, side, point.config, dataset,

@@ -480,8 +480,11 @@ def kink_tolerant_gradient_checks(keys, our_grads: dict, ref_grads: dict, tol_gr
 # (phase, method) of the reference model timed inside its constructor: the methods of the
 # MMRec-framework references (enoche/LIRDRec, enoche/FREEDOM) that build its graphs.
 REFERENCE_GRAPH_METHODS = (('adjacency', 'get_norm_adj_mat'), ('graph', 'get_knn_adj_mat'))
-# What `dense_knn_plan` adds to the dense similarity matrix: the features held while it is
-# built (features, their unit-norm copy, a derived view) and a margin.
+# What `dense_knn_plan` counts for the reference's dense kNN build: the similarity matrix times
+# DENSE_KNN_MATRIX_FACTOR (torch.topk's working memory on top of the matrix: LIRDRec's reference
+# held 20.97 GB of RSS at Elec scale, a 14.79 GiB matrix, while still inside its build), the
+# features held meanwhile (features, their unit-norm copy, a derived view) and a margin.
+DENSE_KNN_MATRIX_FACTOR = 1.5
 DENSE_KNN_FEATURE_COPIES = 3
 DENSE_KNN_MARGIN_BYTES = 1 << 30
 
@@ -535,18 +538,20 @@ def dense_knn_plan(n_items: int, feature_bytes: int, choice: str = 'auto',
                    available: Optional[int] = None) -> Tuple[bool, str]:
     """Whether the reference builds its kNN graph from a dense (n_items, n_items) float32
     similarity matrix (`choice` 'build'), reads ours from its cache file ('ours'), or, for
-    'auto', builds it when the matrix, the features held meanwhile and a margin fit in the
-    available memory (`available`: bytes, default MemAvailable; unknown = fits).
+    'auto', builds it when the matrix and its top-k (DENSE_KNN_MATRIX_FACTOR x the matrix), the
+    features held meanwhile and a margin fit in the available memory (`available`: bytes,
+    default MemAvailable; unknown = fits).
 
     Returns:
       (build, why): e.g. (False, 'not built by the reference: its dense 63001 x 63001 float32
-      similarity (14.79 GiB) plus ... needs 19.1 GiB, 12.3 GiB available; ...').
+      similarity (14.79 GiB), its top-k and ... need about 26.5 GiB, 12.3 GiB available; ...').
     """
     dense = 4 * n_items ** 2
-    need = dense + DENSE_KNN_FEATURE_COPIES * feature_bytes + DENSE_KNN_MARGIN_BYTES
+    need = int(DENSE_KNN_MATRIX_FACTOR * dense) + DENSE_KNN_FEATURE_COPIES * feature_bytes \
+        + DENSE_KNN_MARGIN_BYTES
     gib = lambda n: f'{n / 2 ** 30:.2f} GiB'
-    size = (f'its dense {n_items} x {n_items} float32 similarity ({gib(dense)}) and the features '
-            f'held meanwhile need about {gib(need)}')
+    size = (f'its dense {n_items} x {n_items} float32 similarity ({gib(dense)}), its top-k and '
+            f'the features held meanwhile need about {gib(need)}')
     if choice == 'build':
         return True, f'built by the reference (asked for; {size})'
     if choice == 'ours':
