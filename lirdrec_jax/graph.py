@@ -20,9 +20,11 @@ Two implementations of the product, chosen per run by `graph.spmm_impl` (see `sp
 Node numbering follows the reference: users are nodes 0..n_users-1, items are nodes
 n_users..n_users+n_items-1.
 """
+import contextlib
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence, Tuple, Union
+import hashlib
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -247,7 +249,47 @@ def edge_dropout_adjacency(key: jax.Array, edges: TrainEdges, keep_count: int,
     return jsparse.BCOO((jnp.concatenate([values, values]), indices), shape=(n_nodes, n_nodes))
 
 
+# The searches `reusing_knn_searches` has seen: {(search, shape, dtype, content hash, k, block):
+# result}, or None outside such a block.
+_knn_memo: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def reusing_knn_searches():
+    """Within the block, a neighbour search (`_knn_indices`, `cosine_knn`) over features equal
+    to an earlier one's (the same bytes, shape and dtype) with the same k returns the earlier
+    result instead of searching again. The searches are deterministic functions of their
+    inputs, so every graph built from them is the one built without the block. For commands that
+    build many models' graphs over the same tables (`lirdrec_jax.plans`: at Elec scale one
+    search over the 4096-d image features takes minutes on a CPU). Blocks do not nest."""
+    global _knn_memo
+    if _knn_memo is not None:
+        raise RuntimeError('reusing_knn_searches blocks do not nest')
+    _knn_memo = {}
+    try:
+        yield
+    finally:
+        _knn_memo = None
+
+
+def _reused(search: Callable, features, k: int, block_rows: int):
+    """search(features, k, block_rows), or its earlier result within `reusing_knn_searches`."""
+    if _knn_memo is None:
+        return search(features, k, block_rows)
+    a = np.ascontiguousarray(np.asarray(features))
+    key = (search.__name__, a.shape, str(a.dtype),
+           hashlib.blake2b(a.view(np.uint8), digest_size=16).hexdigest(), int(k), block_rows)
+    if key not in _knn_memo:
+        _knn_memo[key] = search(features, k, block_rows)
+    return _knn_memo[key]
+
+
 def _knn_indices(features: np.ndarray, k: int, block_rows: int = 2048) -> np.ndarray:
+    """`_search_knn_indices`, reused within `reusing_knn_searches`."""
+    return _reused(_search_knn_indices, features, k, block_rows)
+
+
+def _search_knn_indices(features: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """Top-k cosine neighbours of every row (the row itself included), computed in row blocks.
 
     Ties are broken towards the lower item index (jax.lax.top_k); torch.topk leaves the order of
@@ -330,6 +372,12 @@ COSINE_BLOCK_ENTRIES = 1 << 25
 
 
 def cosine_knn(features: np.ndarray, k: int, block_rows: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """`_search_cosine_knn`, reused within `reusing_knn_searches`."""
+    return _reused(_search_cosine_knn, features, k, block_rows)
+
+
+def _search_cosine_knn(features: np.ndarray, k: int, block_rows: int
+                       ) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k cosine similarities of every row against all rows (itself included), in float32,
     in row blocks, so that only a (block_rows, n) slice of the similarity matrix exists at once.
 

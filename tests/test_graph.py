@@ -142,3 +142,35 @@ def test_unknown_spmm_impl_names_the_field():
     adj = graph.norm_adjacency(np.array([0]), np.array([0]), 1, 1)
     with pytest.raises(ValueError, match="graph.spmm_impl = 'csr'"):
         graph.spmm_operand(adj, 'csr', 0)
+
+
+def test_reused_knn_searches_give_the_same_graphs(monkeypatch):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(30, 6)).astype(np.float32)
+    plain = graph.knn_graph_scipy(feats, 4)
+    plain_cos = graph.cosine_knn(feats, 5)
+    calls = []
+    search = graph._search_knn_indices
+
+    def counted(f, k, block_rows):
+        calls.append(k)
+        return search(f, k, block_rows)
+
+    monkeypatch.setattr(graph, '_search_knn_indices', counted)
+    with graph.reusing_knn_searches():
+        first = graph.knn_graph_scipy(feats, 4)
+        again = graph.knn_graph_scipy(feats.copy(), 4)  # equal bytes, another array
+        other = graph.knn_graph_scipy(feats, 3)
+        changed = feats.copy()
+        changed[3, 2] += 1.0
+        graph.knn_graph_scipy(changed, 4)
+        cos = graph.cosine_knn(feats, 5), graph.cosine_knn(feats, 5)
+    assert calls == [4, 3, 4]  # equal features and k: searched once
+    graph.knn_graph_scipy(feats, 4)
+    assert calls == [4, 3, 4, 4]  # outside the block: searched again
+    for g in (first, again):
+        assert (g != plain).nnz == 0
+    assert other.nnz == 30 * 3
+    for values, indices in cos:
+        np.testing.assert_array_equal(values, plain_cos[0])
+        np.testing.assert_array_equal(indices, plain_cos[1])
