@@ -67,7 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lirdrec_jax import cli, grid, model_inputs, models, parallel, sampling, synthetic, train
+from lirdrec_jax import (cli, grid, model_inputs, models, parallel, progress, sampling,
+                         synthetic, train)
 from lirdrec_jax.data import Interactions, MMRecDataset
 from lirdrec_jax.models import base
 
@@ -119,10 +120,14 @@ def current_rss_bytes() -> Optional[int]:
 class Phases:
     """The wall seconds of named phases (a phase timed several times adds up) and the peak
     host RSS of the process after each, in the order they first ran; `on_phase(as_dict())` is
-    called after each (e.g. to save the progress of a child process)."""
+    called after each (e.g. to save the progress of a child process), and with `show` one
+    progress line is written per finished phase (long runs: an Elec-scale benchmark takes tens
+    of minutes)."""
 
-    def __init__(self, on_phase: Optional[Callable[[dict], None]] = None):
+    def __init__(self, on_phase: Optional[Callable[[dict], None]] = None, show: bool = False,
+                 prefix: str = 'bench'):
         self._phases, self._on_phase = {}, on_phase
+        self._show, self._prefix = show, prefix
 
     @contextlib.contextmanager
     def time(self, name: str):
@@ -135,6 +140,9 @@ class Phases:
         entry = self._phases.setdefault(name, {'seconds': 0.0})
         entry['seconds'] += seconds
         entry['peak_rss_bytes'] = peak_rss_bytes()
+        if self._show:
+            progress.write(f'{self._prefix}: {PHASE_LABELS.get(name, name)}: {seconds:.1f} s '
+                           f'(peak RSS {_gb(entry["peak_rss_bytes"])})')
         if self._on_phase is not None:
             self._on_phase(self.as_dict())
 
@@ -396,13 +404,14 @@ def _machine() -> str:
     return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
 
 
-def _ours(args, cfg, dataset: MMRecDataset, phases: Phases) -> dict:
+def _ours(args, cfg, dataset: MMRecDataset, phases: Phases, reuse: Optional[dict] = None,
+          reused: Optional[list] = None) -> dict:
     """Everything measured of our implementation on `dataset` (its arrays are freed when this
-    returns)."""
+    returns, unless `reuse` keeps them)."""
     n_users, n_items, n_inter = dataset.n_users, dataset.n_items, SCALES[args.scale][2]
     model = models.get_model(cfg.model_name)
-    with phases.time('prepare'):
-        data = train.prepare_data(dataset, cfg.model_name)
+    data = reused_or_made(reuse, ('prepare', args.scale, cfg.model_name), phases, 'prepare',
+                          lambda: train.prepare_data(dataset, cfg.model_name), reused)
     partitioner = train.create_partitioner(cfg.parallel)
     rate_before = gemm_rate('float32')
     timing = _time_epochs(cfg, data, partitioner, args.epochs, phases, args.batches,
@@ -445,30 +454,77 @@ def _ours(args, cfg, dataset: MMRecDataset, phases: Phases) -> dict:
     return result
 
 
-def run_benchmark(args) -> dict:
-    n_users, n_items, n_inter = SCALES[args.scale]
-    cfg = train.for_platform(bench_config(args))
-    model = models.get_model(cfg.model_name)
-    if args.reference:
-        _reference_function(cfg)  # a missing parity module is an error before any work
-    phases = Phases()
-    candidates = candidate_items_for(n_users, n_items)
-    with phases.time('generate'):
-        data = generate(n_users, n_items, n_inter, item_text=needs_item_texts(model.input_files),
-                        candidate_items=candidates)
-    convert = time_conversion(data, args.scale, phases) if args.convert else None
+def reused_or_made(reuse: Optional[dict], key: tuple, phases: Phases, phase: str,
+                   make: Callable, reused: Optional[list] = None):
+    """`reuse[key]` when there (`phase` then not timed; its name appended to `reused`), else
+    `make()` timed as `phase` (and kept in `reuse` unless it is None)."""
+    if reuse is not None and key in reuse:
+        if reused is not None:
+            reused.append(phase)
+        return reuse[key]
+    with phases.time(phase):
+        value = make()
+    if reuse is not None:
+        reuse[key] = value
+    return value
+
+
+def scale_dataset(scale: str, model_name: str, phases: Phases, reuse: Optional[dict] = None,
+                  reused: Optional[list] = None,
+                  data: Optional[synthetic.SyntheticData] = None) -> MMRecDataset:
+    """The synthetic dataset of `scale` with `model_name`'s input stand-ins (phases 'generate'
+    and 'model_inputs'; `data`: already generated). With `reuse` (a dict the caller keeps across
+    runs), the generated data is made once per scale, with item texts, so that every model can
+    use it."""
+    n_users, n_items, n_inter = SCALES[scale]
+    model = models.get_model(model_name)
+    texts = reuse is not None or needs_item_texts(model.input_files)
+    if data is None:
+        data = reused_or_made(reuse, ('generate', scale), phases, 'generate',
+                              lambda: generate(n_users, n_items, n_inter, item_text=texts),
+                              reused)
     # A model's extra input files (e.g. MLLMRec's LLM-derived matrices, DGVAE's word view) are
     # their no-LLM stand-ins here: the synthetic data has no files, and this measures speed.
-    with phases.time('model_inputs'):
-        dataset = model_inputs.with_no_llm_inputs(synthetic.to_dataset(data, args.scale),
-                                                  model.input_files, data.item_text)
+    return reused_or_made(
+        reuse, ('model_inputs', scale, model_name), phases, 'model_inputs',
+        lambda: model_inputs.with_no_llm_inputs(synthetic.to_dataset(data, scale),
+                                                model.input_files, data.item_text), reused)
+
+
+def run_benchmark(args, reuse: Optional[dict] = None) -> dict:
+    """Everything the command measures, as a dict (`format_report` prints it).
+
+    `reuse`: a dict the caller keeps across calls (e.g. `lirdrec_jax.accelerator`, which times
+    every model at a scale in one process): the generated data, each model's dataset with its
+    input stand-ins and its prepared data are taken from it when there, else made and kept in
+    it; the phases of what was taken are not timed again and are listed in result['reused'].
+    """
+    n_users, n_items, n_inter = SCALES[args.scale]
+    cfg = train.for_platform(bench_config(args))
+    if args.reference:
+        _reference_function(cfg)  # a missing parity module is an error before any work
+        if not Path(args.reference).is_dir():
+            raise SystemExit(f'error: --reference {args.reference}: no such folder (a clone of '
+                             f"the model's reference repository)")
+    phases = Phases(show=getattr(args, 'show_phases', True))
+    candidates = candidate_items_for(n_users, n_items)
+    reused, data, convert = [], None, None
+    if args.convert:
+        texts = needs_item_texts(models.get_model(cfg.model_name).input_files)
+        with phases.time('generate'):
+            data = generate(n_users, n_items, n_inter, candidate_items=candidates,
+                            item_text=texts)
+        convert = time_conversion(data, args.scale, phases)
+    dataset = scale_dataset(args.scale, cfg.model_name, phases, reuse, reused, data)
     del data
     child_folder = None
     try:
         if args.reference and not args.reference_in_process:
             child_folder = write_reference_inputs(dataset, cfg, args)
-        result = _ours(args, cfg, dataset, phases)
+        result = _ours(args, cfg, dataset, phases, reuse, reused)
         result['candidate_items'] = candidates
+        if reused:
+            result['reused'] = reused
         if convert is not None:
             result['convert'] = convert
         result['phases'] = phases.as_dict()
@@ -511,9 +567,19 @@ def _reference(args, dataset, cfg) -> dict:
     'epoch_seconds' (a list; extrapolated when fewer batches were timed), 'batch_seconds',
     'epoch_host_seconds', 'eval_seconds', 'parameters', 'graph'; ratios are printed for the
     ones present)."""
-    result = _reference_function(cfg)(args.reference, dataset, args, cfg)
+    result = _call_reference(cfg, args.reference, dataset, args)
     result.setdefault('process', 'same')
     return result
+
+
+def _call_reference(cfg, checkout, dataset, args) -> dict:
+    """The parity module's `run_reference_benchmark`; a checkout it cannot use is one `error:`
+    line."""
+    from lirdrec_jax.parity import reference
+    try:
+        return _reference_function(cfg)(checkout, dataset, args, cfg)
+    except reference.ReferenceError_ as err:
+        raise SystemExit(f'error: --reference {checkout}: {err}')
 
 
 REFERENCE_REQUEST = 'request.json'
@@ -583,7 +649,7 @@ def reference_child_main(folder) -> None:
                               on_phase=lambda phases: _write_json(folder / REFERENCE_PROGRESS,
                                                                   phases))
     dataset = load_saved_dataset(folder)
-    result = _reference_function(cfg)(request['checkout'], dataset, args, cfg)
+    result = _call_reference(cfg, request['checkout'], dataset, args)
     result.update(process='child', peak_rss_bytes=peak_rss_bytes())
     _write_json(folder / REFERENCE_RESULT, result)
 
@@ -609,7 +675,7 @@ def run_reference_child(folder: Path, parent_rss: Optional[int]) -> dict:
         how = (f'killed by signal {-done.returncode}' +
                (' (SIGKILL: out of memory?)' if done.returncode == -9 else '')
                if done.returncode < 0 else f'exit status {done.returncode}')
-        result = {'failed': f'the reference process ended with {how}',
+        result = {'failed': f'the reference process ended with {how}', 'process': 'child',
                   'phases': (json.loads(progress_file.read_text())
                              if progress_file.is_file() else {})}
     result['parent_rss_bytes'] = parent_rss
@@ -678,6 +744,9 @@ def format_report(r: dict) -> str:
         '',
         *format_phases(r['phases']),
     ]
+    if r.get('reused'):
+        lines.append(f'(made by an earlier run in this process, not timed here: '
+                     f'{", ".join(r["reused"])})')
     if 'convert' in r:
         c = r['convert']
         lines.append(f'(conversion skipped: {c["skipped"]})' if 'skipped' in c else

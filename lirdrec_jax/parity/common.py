@@ -640,7 +640,8 @@ def benchmark_reference(checkout, dataset, args, point, model_module: str, class
     import torch
     from lirdrec_jax.bench import Phases, eval_repeats, timed_batches
     ref = reference.load_reference(checkout, model_module, class_name, repository)
-    phases = Phases(getattr(args, 'on_phase', None))
+    phases = Phases(getattr(args, 'on_phase', None), show=getattr(args, 'show_phases', True),
+                    prefix='reference')
     repeats = eval_repeats(args)
     graph_note = None
     with tempfile.TemporaryDirectory(prefix='lirdrec_bench_ref_') as tmp:
