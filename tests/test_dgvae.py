@@ -279,3 +279,85 @@ def test_a_short_run_learns():
                                              metrics=('recall',), ks=(20,))
     # Measured (seed 0): valid Recall@20 0.4846 against 0.1927 for most-popular.
     assert valid['recall@20'] > 1.5 * popular['recall@20']
+
+
+# ----------------------------------------------------------------------------------------------
+# model.matmul_dtype = 'bfloat16'
+# ----------------------------------------------------------------------------------------------
+
+def small_point(**model):
+    """The config of `test_a_short_run_learns` (64 users per batch, d = 16) with `model`."""
+    from lirdrec_jax import grid
+    cfg = dgvae_configs.get_config()
+    cfg.train.batch_size, cfg.train.seed = 64, (0,)
+    cfg.model.embedding_size = 16
+    cfg.optim.learning_rate = (3e-3,)
+    cfg.eval.topk, cfg.eval.metrics, cfg.eval.valid_metric = (20,), ('recall',), 'recall@20'
+    for k, v in model.items():
+        cfg.model[k] = v
+    return grid.expand_grid(cfg)[0].config
+
+
+@pytest.fixture(scope='module')
+def trainer_data():
+    return train.prepare_data(small_dataset(), 'dgvae')
+
+
+def test_bfloat16_runs_both_encoders_in_bfloat16(trainer_data):
+    """'float32' is the program without the field, bit for bit; 'bfloat16' runs both encoders'
+    (K B, n) x (n, 2d) products with bfloat16 operands and float32 results: forward, kernel
+    gradient and input gradient (the inputs x_k depend on the trainable factor assignments)."""
+    from tests.mixed_precision import assert_close_not_equal, bfloat16_dots, first_step, tensor
+    without = small_point()
+    del without.model['matmul_dtype']
+    runs = {d: first_step(small_point(matmul_dtype=d), trainer_data)
+            for d in ('float32', 'bfloat16')}
+    program, value, grads = first_step(without, trainer_data)
+    assert runs['float32'][0] == program and 'bf16' not in program
+    assert float(runs['float32'][1]) == float(value)
+    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+
+    rows, h = 3 * 64, 2 * 16  # K factors x B users; the encoder's width 2d
+    n_items = trainer_data.dataset.n_items
+    n_words = trainer_data.dataset.extra['words_file'].shape[1]
+    want = []
+    for n in (n_items, n_words):
+        want += [(tensor(rows, n, 'bf16'), tensor(n, h, 'bf16'), tensor(rows, h, 'f32')),
+                 (tensor(rows, n, 'bf16'), tensor(rows, h, 'bf16'), tensor(n, h, 'f32')),
+                 (tensor(rows, h, 'bf16'), tensor(h, n, 'bf16'), tensor(rows, n, 'f32'))]
+    assert bfloat16_dots(runs['bfloat16'][0]) == sorted(want)
+    # Measured: 1.0e-2 norm-wise, at most 1.9e-2 on a leaf (the text view's embeddings).
+    assert_close_not_equal(runs['float32'][1:], runs['bfloat16'][1:])
+
+
+def test_bfloat16_keeps_the_inputs_and_parameters_float32(trainer_data):
+    """The user matrices and the two-hop graph are the same float32 arrays either way, and so
+    are the parameters: only the encoders' operands are rounded, in the step."""
+    from lirdrec_jax import parallel
+    one = parallel.Partitioner(num_devices=1)
+    f32, bf16 = (train.setup_point(small_point(matmul_dtype=d), trainer_data, one)
+                 for d in ('float32', 'bfloat16'))
+    assert (f32.net.matmul_dtype, bf16.net.matmul_dtype) == ('float32', 'bfloat16')
+    for a, b in zip(jax.tree.leaves(f32.frozen), jax.tree.leaves(bf16.frozen)):
+        assert a.dtype == b.dtype and a.dtype in (jnp.float32, jnp.int32)
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(f32.state.params), jax.tree.leaves(bf16.state.params)):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_training_stays_close(trainer_data, tmp_path):
+    from tests.mixed_precision import assert_training_close
+    assert_training_close(lambda dtype: small_point(matmul_dtype=dtype), trainer_data, tmp_path)
+
+
+def test_config_checks_name_matmul_dtype():
+    cfg = dgvae_configs.get_config()
+    checks = lambda: [f for ok, f, _ in dgvae.config_checks(cfg, 10, 20) if not ok]
+    assert (cfg.model.matmul_dtype, cfg.model.cpu_dot) == ('float32', 'xla') and checks() == []
+    cfg.model.matmul_dtype = 'float16'
+    assert checks() == ['model.matmul_dtype']
+    cfg.model.matmul_dtype, cfg.model.cpu_dot = 'bfloat16', 'eigen'  # slow bfloat16 GEMM
+    assert checks() == ['model.cpu_dot']
+    cfg.model.cpu_dot = 'xla'
+    assert checks() == []

@@ -204,3 +204,26 @@ def test_command_prints_one_line_per_program(monkeypatch, capsys):
 def test_command_rejects_bad_platforms(argv, message, capsys):
     with pytest.raises(SystemExit, match=re.escape('error: ' + message)):
         lowering.main(argv)
+
+
+def test_lirdrec_bfloat16_keeps_transposed_copies_on_the_cpu_only():
+    """On the CPU bfloat16 features come with transposed copies (its fast weight gradient);
+    built for an accelerator they do not (half the feature memory), and the bfloat16 products
+    are the same in number and kind, forward and kernel gradient."""
+    cfg = small_config('lirdrec', matmul_dtype='bfloat16')
+    data = small_data('lirdrec')
+    on_cpu = lowering.programs(cfg, data, parallel.Partitioner(1), platform='cpu')
+    on_gpu = lowering.programs(cfg, data, parallel.Partitioner(1), platform='gpu')
+    cpu_features = on_cpu['train_step'].args[2].features
+    gpu_features = on_gpu['train_step'].args[2].features
+    assert cpu_features.image_t is not None and cpu_features.image_t.dtype == jnp.bfloat16
+    assert gpu_features.image_t is None and gpu_features.text_t is None
+    assert [x.dtype for x in gpu_features[:3]] == [jnp.bfloat16] * 3
+    assert nbytes(cpu_features.image) == nbytes(gpu_features.image) == 40 * 24 * 2
+
+    def bf16_dots(program):
+        text = program.fn.lower(*program.args).as_text()
+        return sorted(re.findall(r'stablehlo\.dot_general[^\n]*: \((tensor<[^>]*bf16>), '
+                                 r'(tensor<[^>]*bf16>)\)', text))
+    # Three towers' first layers: forward and kernel gradient each, from either layout.
+    assert len(bf16_dots(on_gpu['train_step'])) == len(bf16_dots(on_cpu['train_step'])) == 6

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.fft
 from flax import linen as nn
 
-from lirdrec_jax import graph, losses
+from lirdrec_jax import graph, losses, parallel
 from lirdrec_jax.models import base
 from lirdrec_jax.models.layers import (MATMUL_DTYPES, Tower, TorchDense, l2_normalize,
                                        xavier_normal_init)
@@ -71,8 +71,7 @@ def item_features(image: np.ndarray, text: np.ndarray) -> ItemFeatures:
 
 def feature_layout(features: ItemFeatures, matmul_dtype: str, transposed: bool) -> ItemFeatures:
     """The features as the towers will read them (placement is up to the caller): float32 as
-    given, or copies in bfloat16 (`matmul_dtype`) and/or with transposed copies when
-    `transposed` (always with bfloat16, whose weight gradients need them to be fast).
+    given, or copies in bfloat16 (`matmul_dtype`), with transposed copies when `transposed`.
     """
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f'config field model.matmul_dtype = {matmul_dtype!r}; expected one of '
@@ -81,7 +80,20 @@ def feature_layout(features: ItemFeatures, matmul_dtype: str, transposed: bool) 
         return ItemFeatures(*features[:3])  # as given: no copy
     dtype = jnp.bfloat16 if matmul_dtype == 'bfloat16' else jnp.float32
     base = [jnp.asarray(x, dtype) for x in features[:3]]
+    if not transposed:
+        return ItemFeatures(*base)
     return ItemFeatures(*base, *(_transposed(x) for x in base))
+
+
+def wants_transposed(model_cfg) -> bool:
+    """Whether the towers get transposed feature copies: with `model.transposed_features`, and
+    on the CPU always with bfloat16 (XLA:CPU's bfloat16 weight gradient is fast only from the
+    transposed copy: 22 vs 39 ms, docs/performance.md). Off the CPU never: GPU and TPU compilers
+    choose their own layouts, and the copies would double the features' device memory."""
+    if parallel.platform() != 'cpu':
+        return False
+    return (bool(model_cfg.get('transposed_features', False))
+            or str(model_cfg.get('matmul_dtype', 'float32')) == 'bfloat16')
 
 
 @jax.jit
@@ -284,7 +296,7 @@ def item_graph(prepared: Prepared, knn_k: int, mm_image_weight: float):
 def frozen_inputs(prepared: Prepared, dataset, model_cfg) -> Frozen:
     del dataset
     features = feature_layout(prepared.features, str(model_cfg.get('matmul_dtype', 'float32')),
-                              bool(model_cfg.get('transposed_features', False)))
+                              wants_transposed(model_cfg))
     return Frozen(features, prepared.user_item,
                   item_graph(prepared, int(model_cfg.knn_k), float(model_cfg.mm_image_weight)))
 
