@@ -44,6 +44,20 @@ def first_step(cfg, data) -> tuple:
     return step.lower(*args).as_text(), value, grads
 
 
+def first_steps_by_dtype(point, data) -> dict:
+    """{'float32': first_step, 'bfloat16': first_step} of `point(matmul_dtype=d)` (`point`
+    builds a point config from model overrides), after checking that 'float32' is the program,
+    loss and gradients of the config without the field, bit for bit, with no bfloat16 in it."""
+    without = point()
+    del without.model['matmul_dtype']
+    runs = {d: first_step(point(matmul_dtype=d), data) for d in ('float32', 'bfloat16')}
+    program, value, grads = first_step(without, data)
+    assert runs['float32'][0] == program and 'bf16' not in program
+    assert float(runs['float32'][1]) == float(value)
+    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+    return runs
+
+
 def assert_close_not_equal(want: tuple, got: tuple, leaf_rtol: float = 0.1,
                            total_rtol: float = 2e-2) -> None:
     """bfloat16 against float32: the (loss, gradients) of one batch.

@@ -18,7 +18,7 @@ from lirdrec_jax.data import Interactions, MMRecDataset  # noqa: E402
 from lirdrec_jax.models import base, cm3  # noqa: E402
 from tests import torch_cm3 as T  # noqa: E402
 from tests.mixed_precision import (assert_close_not_equal, assert_training_close,  # noqa: E402
-                              bfloat16_dots, first_step, tensor)
+                                   bfloat16_dots, first_steps_by_dtype, tensor)
 
 
 class Batch(NamedTuple):
@@ -477,14 +477,7 @@ def test_bfloat16_runs_the_feature_products_in_bfloat16(trainer_data):
     """'float32' is the program without the field, bit for bit; 'bfloat16' runs both towers'
     first layers and both projections (forward and kernel gradient) with bfloat16 operands and
     float32 results, and stays close to float32."""
-    without = small_point()
-    del without.model['matmul_dtype']
-    runs = {d: first_step(small_point(matmul_dtype=d), trainer_data)
-            for d in ('float32', 'bfloat16')}
-    program, value, grads = first_step(without, trainer_data)
-    assert runs['float32'][0] == program and 'bf16' not in program
-    assert float(runs['float32'][1]) == float(value)
-    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+    runs = first_steps_by_dtype(small_point, trainer_data)
 
     n, dims = 60, (12, 6)  # items; the image and text widths of the dataset
     want = []

@@ -307,15 +307,9 @@ def test_bfloat16_runs_both_encoders_in_bfloat16(trainer_data):
     """'float32' is the program without the field, bit for bit; 'bfloat16' runs both encoders'
     (K B, n) x (n, 2d) products with bfloat16 operands and float32 results: forward, kernel
     gradient and input gradient (the inputs x_k depend on the trainable factor assignments)."""
-    from tests.mixed_precision import assert_close_not_equal, bfloat16_dots, first_step, tensor
-    without = small_point()
-    del without.model['matmul_dtype']
-    runs = {d: first_step(small_point(matmul_dtype=d), trainer_data)
-            for d in ('float32', 'bfloat16')}
-    program, value, grads = first_step(without, trainer_data)
-    assert runs['float32'][0] == program and 'bf16' not in program
-    assert float(runs['float32'][1]) == float(value)
-    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+    from tests.mixed_precision import (assert_close_not_equal, bfloat16_dots,
+                                       first_steps_by_dtype, tensor)
+    runs = first_steps_by_dtype(small_point, trainer_data)
 
     rows, h = 3 * 64, 2 * 16  # K factors x B users; the encoder's width 2d
     n_items = trainer_data.dataset.n_items

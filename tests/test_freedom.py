@@ -20,7 +20,7 @@ from lirdrec_jax.data import Interactions, MMRecDataset  # noqa: E402
 from lirdrec_jax.models import base, freedom  # noqa: E402
 from tests import torch_freedom  # noqa: E402
 from tests.mixed_precision import (assert_close_not_equal, assert_training_close,  # noqa: E402
-                                   bfloat16_dots, first_step)
+                                   bfloat16_dots, first_steps_by_dtype)
 from tests.mixed_precision import tensor as hlo_type  # noqa: E402  (`tensor` names torch's)
 
 N_USERS, N_ITEMS, DIM = 6, 7, 8
@@ -539,14 +539,7 @@ def test_bfloat16_runs_the_feature_projections_in_bfloat16(trainer_data):
     """'float32' is the program without the field, bit for bit; 'bfloat16' runs both feature
     projections with bfloat16 operands and float32 results: forward, kernel gradient and,
     since the feature tables are trainable parameters, the gradient of the gathered rows."""
-    without = bfloat16_point()
-    del without.model['matmul_dtype']
-    runs = {d: first_step(bfloat16_point(matmul_dtype=d), trainer_data)
-            for d in ('float32', 'bfloat16')}
-    program, value, grads = first_step(without, trainer_data)
-    assert runs['float32'][0] == program and 'bf16' not in program
-    assert float(runs['float32'][1]) == float(value)
-    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+    runs = first_steps_by_dtype(bfloat16_point, trainer_data)
 
     rows, d = 2 * 256, 16  # a batch's positives and negatives; the embedding size
     want = []

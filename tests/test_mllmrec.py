@@ -20,7 +20,7 @@ from lirdrec_jax import graph, model_inputs  # noqa: E402
 from lirdrec_jax.models import base, mllmrec  # noqa: E402
 from tests import torch_mllmrec as T  # noqa: E402
 from tests.mixed_precision import (assert_close_not_equal, assert_training_close,  # noqa: E402
-                              bfloat16_dots, first_step, tensor)
+                                   bfloat16_dots, first_steps_by_dtype, tensor)
 
 # ----------------------------------------------------------------------------------------------
 # The item graph on paper
@@ -414,14 +414,7 @@ def test_bfloat16_runs_both_first_layers_in_bfloat16(trainer_data):
     """'float32' is the program without the field, bit for bit; 'bfloat16' runs the towers'
     first layers (forward and kernel gradient) with bfloat16 operands and float32 results, and
     stays close to float32."""
-    without = small_point()
-    del without.model['matmul_dtype']
-    runs = {d: first_step(small_point(matmul_dtype=d), trainer_data)
-            for d in ('float32', 'bfloat16')}
-    program, value, grads = first_step(without, trainer_data)
-    assert runs['float32'][0] == program and 'bf16' not in program
-    assert float(runs['float32'][1]) == float(value)
-    jax.tree.map(np.testing.assert_array_equal, runs['float32'][2], grads)
+    runs = first_steps_by_dtype(small_point, trainer_data)
 
     b, f, p, h = 64, 6, 6, 4 * 16  # batch, e's and P's widths, hidden width
     assert bfloat16_dots(runs['bfloat16'][0]) == sorted([
