@@ -687,7 +687,7 @@ def run_reference_child(folder: Path, parent_rss: Optional[int]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _gb(n) -> str:
-    return 'n/a (backend does not report it)' if n is None else f'{n / 2 ** 30:.2f} GB'
+    return 'n/a (backend does not report it)' if n is None else f'{n / 2 ** 30:.2f} GiB'
 
 
 PHASE_LABELS = {
@@ -750,8 +750,8 @@ def format_report(r: dict) -> str:
     if 'convert' in r:
         c = r['convert']
         lines.append(f'(conversion skipped: {c["skipped"]})' if 'skipped' in c else
-                     f'(conversion: {c["written_bytes"] / 2 ** 30:.2f} GB written, cache '
-                     f'{c["cache_bytes"] / 2 ** 30:.2f} GB; loaded {c["loaded"][0]} users, '
+                     f'(conversion: {c["written_bytes"] / 2 ** 30:.2f} GiB written, cache '
+                     f'{c["cache_bytes"] / 2 ** 30:.2f} GiB; loaded {c["loaded"][0]} users, '
                      f'{c["loaded"][1]} items, {c["loaded"][2]} interactions)')
     n_eval = r['eval_repeats']
     lines += [
@@ -826,7 +826,7 @@ def _reference_section(ours: dict, ref: dict) -> str:
             ('per-epoch host work, best (s)', _min(ours.get('epoch_host_seconds')),
              _min(ref.get('epoch_host_seconds'))),
             ('evaluation valid + test (s)', ours.get('eval_seconds'), ref.get('eval_seconds')),
-            ('peak host RSS (GB)', ours.get('peak_rss_bytes', 0) / 2 ** 30,
+            ('peak host RSS (GiB)', ours.get('peak_rss_bytes', 0) / 2 ** 30,
              ref['peak_rss_bytes'] / 2 ** 30
              if ref.get('peak_rss_bytes') and ref.get('process') == 'child' else None)]
     lines += ['', f'{"what":40s} {"ours":>10s} {"reference":>10s} {"ref / ours":>10s}',
