@@ -2,9 +2,11 @@
 `lirdrec_jax.bench`: built-in configs by name (`--config lirdrec:baby`), `--workdir`, and a
 clear error for config keys that do not exist, before absl parses the overrides (it would raise
 a KeyError traceback). No flags are defined here."""
+import importlib
 import importlib.resources
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 # Short spellings accepted on the command line, rewritten before parsing.
@@ -15,10 +17,40 @@ OVERRIDE_ALIASES = {'--config.data_dir': '--config.data.data_dir'}
 DEFAULT_CONFIG = 'lirdrec'
 
 
+CONFIGS_PACKAGE = 'lirdrec_jax.configs'
+
+
+def _installed_configs():
+    return importlib.import_module(CONFIGS_PACKAGE)
+
+
+def configs_package():
+    """The package of the built-in configs, `lirdrec_jax.configs`: the repository's configs/
+    folder as an install maps it (setup.cfg package_dir), or, where `lirdrec_jax` is imported
+    from a source checkout instead of the install (Python started in the repository's root after
+    a non-editable `pip install .`), the checkout's own configs/ registered under that name."""
+    try:
+        return _installed_configs()
+    except ModuleNotFoundError as err:
+        if err.name != CONFIGS_PACKAGE:
+            raise
+    folder = Path(__file__).resolve().parent.parent / 'configs'
+    if not (folder / '__init__.py').is_file():
+        raise SystemExit(f'error: the built-in configs ({CONFIGS_PACKAGE}) are not installed: '
+                         'reinstall the package (pip install .)')
+    spec = importlib.util.spec_from_file_location(CONFIGS_PACKAGE, folder / '__init__.py',
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[CONFIGS_PACKAGE] = module
+    spec.loader.exec_module(module)
+    setattr(sys.modules['lirdrec_jax'], 'configs', module)
+    return module
+
+
 def builtin_configs() -> dict:
     """{name: path} of the configs installed with the package (the repository's configs/
-    folder, installed as `lirdrec_jax.configs`)."""
-    folder = importlib.resources.files('lirdrec_jax.configs')
+    folder, installed as `lirdrec_jax.configs`, `configs_package`)."""
+    folder = importlib.resources.files(configs_package())
     return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
             if entry.name.endswith('.py') and not entry.name.startswith('_')}
 

@@ -16,6 +16,32 @@ def test_builtin_configs_are_the_repository_configs():
         assert path.read_bytes() == (REPO / 'configs' / f'{name}.py').read_bytes()
 
 
+def test_a_checkout_shadowing_the_install_still_finds_its_configs(monkeypatch, tmp_path):
+    """Python started in the repository's root imports lirdrec_jax from the checkout, where no
+    lirdrec_jax/configs exists (an install maps configs/ to it): the checkout's configs/ is
+    registered under that name, and a config file importing a built-in one loads."""
+    import sys
+
+    def not_installed():
+        raise ModuleNotFoundError("No module named 'lirdrec_jax.configs'",
+                                  name='lirdrec_jax.configs')
+
+    monkeypatch.setattr(cli, '_installed_configs', not_installed)
+    for name in [m for m in sys.modules if m.startswith('lirdrec_jax.configs')]:
+        monkeypatch.delitem(sys.modules, name)
+    import lirdrec_jax
+    monkeypatch.delattr(lirdrec_jax, 'configs', raising=False)
+    found = cli.builtin_configs()
+    assert sorted(found) == sorted(BUILTIN)
+    assert all(path.parent == REPO / 'configs' for path in found.values())
+    assert sys.modules['lirdrec_jax.configs'].__path__ == [str(REPO / 'configs')]
+    own = tmp_path / 'mine.py'
+    own.write_text('from lirdrec_jax.configs import freedom\n\n'
+                   'def get_config(arg=""):\n'
+                   '    return freedom.get_config(arg or "synthetic")\n')
+    assert cli.load_config(f'{own}:baby').data.dataset == 'baby'
+
+
 @pytest.mark.parametrize('spec, model, dataset', [
     ('lirdrec', 'lirdrec', 'synthetic'), ('lirdrec:baby', 'lirdrec', 'baby'),
     ('freedom:sports', 'freedom', 'sports'), ('configs/cm3.py:clothing', 'cm3', 'clothing'),
