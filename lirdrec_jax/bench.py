@@ -97,15 +97,24 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM of /proc/self/status on Linux (getrusage's
     ru_maxrss is kept across exec, so a child process would report its parent's peak if
     larger), else ru_maxrss."""
+    peak = proc_kib_field('/proc/self/status', 'VmHWM')
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == 'darwin' else peak * 1024)
+
+
+def proc_kib_field(path: str, key: str) -> Optional[int]:
+    """Bytes of the `key:` line (in kB) of a Linux /proc file such as /proc/self/status or
+    /proc/meminfo; None where there is no such file or line."""
     try:
-        with open('/proc/self/status') as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith('VmHWM:'):
+                if line.startswith(key + ':'):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == 'darwin' else peak * 1024)
+    return None
 
 
 def current_rss_bytes() -> Optional[int]:
@@ -252,6 +261,17 @@ def device_peak_bytes(devices) -> Optional[int]:
     return max(peaks) if peaks else None
 
 
+def problem_size(cfg, dataset: MMRecDataset) -> base.ProblemSize:
+    """The sizes of `dataset` at `cfg`'s point that a model's analytic FLOP count
+    (`flops_per_batch`) reads: counts, batch size, feature widths, extra input widths."""
+    model = models.get_model(cfg.model_name)
+    dims = tuple(int(x.shape[1]) for x in (dataset.image_feat, dataset.text_feat)
+                 if x is not None)
+    inputs = tuple(int(dataset.extra[f.field].shape[1]) for f in model.input_files)
+    return base.ProblemSize(dataset.n_users, dataset.n_items, int(dataset.train.users.size),
+                            int(cfg.train.batch_size), dims, inputs)
+
+
 def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
@@ -382,13 +402,10 @@ def _time_epochs(cfg, data, partitioner, n_epochs: int, phases: Phases, batches:
 
 def _time_sweep(cfg, data, partitioner, n_points: int) -> dict:
     """One epoch of `n_points` points (different seeds) vmapped, after compilation."""
-    cfgs = []
-    for i in range(n_points):
-        c = cfg.copy_and_resolve_references()
-        c.train.seed = int(cfg.train.seed) + i
+    cfgs = grid.seed_variants(cfg, n_points)
+    for c in cfgs:
         c.train.epochs = 2
         c.train.eval_step = 1000  # time training only
-        cfgs.append(c)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         results = train.train_points(cfgs, data, [Path(d) / str(i) for i in range(n_points)],
@@ -420,11 +437,7 @@ def _ours(args, cfg, dataset: MMRecDataset, phases: Phases, reuse: Optional[dict
     rate = max(rate_before, rate_after)
     if model.flops_per_batch is None:
         raise SystemExit(f'error: model {cfg.model_name!r} has no FLOP count (flops_per_batch)')
-    size = base.ProblemSize(n_users, n_items, int(dataset.train.users.size),
-                            int(cfg.train.batch_size), (IMAGE_DIM, TEXT_DIM),
-                            tuple(int(dataset.extra[f.field].shape[1])
-                                  for f in model.input_files))
-    flops = model.flops_per_batch(cfg.model, size) * timing['n_batches']
+    flops = model.flops_per_batch(cfg.model, problem_size(cfg, dataset)) * timing['n_batches']
     floor = flops / (rate * partitioner.n_devices)
     epoch_min = min(timing['epoch_seconds'])
     result = {

@@ -59,3 +59,14 @@ def expand_grid(config: ml_collections.ConfigDict) -> list:
         points.append(GridPoint(index, dict(zip(keys, combo)),
                                 ml_collections.ConfigDict(point)))
     return points
+
+
+def seed_variants(point_config: ml_collections.ConfigDict, n_points: int) -> list:
+    """`n_points` copies of a point config that differ only in `train.seed` (seed, seed + 1,
+    ...): points that share one compiled program, as a vmapped sweep trains them."""
+    out = []
+    for i in range(n_points):
+        c = point_config.copy_and_resolve_references()
+        c.train.seed = int(point_config.train.seed) + i
+        out.append(c)
+    return out

@@ -151,20 +151,10 @@ def _ranking_programs(cfg, data, partitioner, model, users, items) -> Dict[str, 
     return out
 
 
-def sweep_configs(cfg, n_points: int) -> list:
-    """`n_points` copies of a point config that differ only in the seed (seed, seed + 1, ...)."""
-    cfgs = []
-    for i in range(n_points):
-        c = cfg.copy_and_resolve_references()
-        c.train.seed = int(cfg.train.seed) + i
-        cfgs.append(c)
-    return cfgs
-
-
 def _sweep_programs(cfg, data, partitioner, n_points: int) -> Dict[str, Program]:
     """The programs of a vmapped group of `n_points` points, built as `train.train_points`
     builds them (shared inputs placed once, states stacked, batches (n_batches, points, b))."""
-    cfgs = sweep_configs(cfg, n_points)
+    cfgs = grid.seed_variants(cfg, n_points)
     setups = train.setup_points(cfgs, data, partitioner, vmapped=True, abstract=True)
     model = setups[0].model
     state = train.stack_states(partitioner, [s.state for s in setups])

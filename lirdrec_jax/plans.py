@@ -62,8 +62,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from lirdrec_jax import graph, grid, lowering, models, train
-from lirdrec_jax.models import base
+from lirdrec_jax import bench, graph, grid, lowering, models, train
 
 HEADROOM = 0.10  # of a device's memory, left for the runtime
 SMALLER_BATCH = 4  # the batch-size advice measures eval/train.batch_size // SMALLER_BATCH
@@ -217,16 +216,6 @@ def verdicts(cell: dict, cells: Sequence[dict], devices: Sequence[Device] = DEVI
 # The cost model
 # ----------------------------------------------------------------------------------------------
 
-def problem_size(cfg, dataset) -> base.ProblemSize:
-    """The analytic count's sizes of `dataset` at `cfg`'s point (as the benchmark builds them)."""
-    model = models.get_model(cfg.model_name)
-    dims = tuple(int(x.shape[1]) for x in (dataset.image_feat, dataset.text_feat)
-                 if x is not None)
-    inputs = tuple(int(dataset.extra[f.field].shape[1]) for f in model.input_files)
-    return base.ProblemSize(dataset.n_users, dataset.n_items, int(dataset.train.users.size),
-                            int(cfg.train.batch_size), dims, inputs)
-
-
 def roofline_seconds(flops: float, bytes_accessed: float, peak: float,
                      bandwidth: float) -> float:
     """The time of a step that does `flops` and moves `bytes_accessed` on a device with this
@@ -298,7 +287,7 @@ def measure_cell(point, data: train.PreparedData, n_devices: int, platform: str 
 def scale_datasets(scale: str, model_names: Sequence[str]) -> Dict[str, object]:
     """{model: dataset} of one scale, the data generated once: the embedded dataset as every
     model's config loads it, or `bench`'s synthetic data with each model's extra inputs."""
-    from lirdrec_jax import bench, cli, experiment, model_inputs, synthetic
+    from lirdrec_jax import cli, experiment, model_inputs, synthetic
     if scale == 'embedded':
         out = {}
         for name in model_names:
@@ -369,7 +358,8 @@ def _measured(point, data, name, scale, dtype, n, platform, variant='',
             **measure_cell(point, data, n, platform, train_step)}
     if 'train_step' in cell['stats'] and n == 1 and not variant:
         flops = models.get_model(name).flops_per_batch
-        cell['analytic_flops'] = (float(flops(point.model, problem_size(point, data.dataset)))
+        cell['analytic_flops'] = (float(flops(point.model,
+                                              bench.problem_size(point, data.dataset)))
                                   if flops else None)
     cell['seconds'] = time.perf_counter() - t
     log(f'{describe_cell(cell)}: training {cell["training"] / GiB:7.3f} GiB, evaluation '

@@ -100,3 +100,18 @@ def assert_training_close(point, data, workdir, epochs: int = 3, loss_rtol: floa
         for split in ('valid', 'test'):
             for metric, value in want[split].items():
                 assert abs(got[split][metric] - value) <= metric_atol, (split, metric)
+
+
+def assert_matmul_dtype_checks(config_checks, whole, n_users: int, n_items: int) -> None:
+    """A model's `config_checks` on the config `whole` (a point's, with its defaults) name
+    `model.matmul_dtype` for an unknown dtype and `model.cpu_dot` for bfloat16 with Eigen dots
+    (Eigen's bfloat16 GEMM is slow), and pass otherwise. `whole` is changed."""
+    m = whole.model
+    failing = lambda: [f for ok, f, _ in config_checks(whole, n_users, n_items) if not ok]
+    assert (m.matmul_dtype, m.cpu_dot) == ('float32', 'xla') and failing() == []
+    m.matmul_dtype = 'float16'
+    assert failing() == ['model.matmul_dtype']
+    m.matmul_dtype, m.cpu_dot = 'bfloat16', 'eigen'
+    assert failing() == ['model.cpu_dot']
+    m.cpu_dot = 'xla'
+    assert failing() == []

@@ -18,7 +18,8 @@ from lirdrec_jax.data import Interactions, MMRecDataset  # noqa: E402
 from lirdrec_jax.models import base, cm3  # noqa: E402
 from tests import torch_cm3 as T  # noqa: E402
 from tests.mixed_precision import (assert_close_not_equal, assert_training_close,  # noqa: E402
-                                   bfloat16_dots, first_steps_by_dtype, tensor)
+                                   assert_matmul_dtype_checks, bfloat16_dots,
+                                   first_steps_by_dtype, tensor)
 
 
 class Batch(NamedTuple):
@@ -515,9 +516,4 @@ def test_bfloat16_training_stays_close(trainer_data, tmp_path):
 def test_config_checks_name_matmul_dtype():
     m = point_model(cm3_configs.get_config('baby'))
     whole = ml_collections.ConfigDict({'model': m, 'eval': {'embeddings': 'last_batch'}})
-    checks = lambda: [f for ok, f, _ in cm3.config_checks(whole, 100, 50) if not ok]
-    assert whole.model.matmul_dtype == 'float32' and checks() == []
-    whole.model.matmul_dtype = 'float16'
-    assert checks() == ['model.matmul_dtype']
-    whole.model.matmul_dtype, whole.model.cpu_dot = 'bfloat16', 'eigen'
-    assert checks() == ['model.cpu_dot']
+    assert_matmul_dtype_checks(cm3.config_checks, whole, 100, 50)

@@ -346,12 +346,5 @@ def test_bfloat16_training_stays_close(trainer_data, tmp_path):
 
 
 def test_config_checks_name_matmul_dtype():
-    cfg = dgvae_configs.get_config()
-    checks = lambda: [f for ok, f, _ in dgvae.config_checks(cfg, 10, 20) if not ok]
-    assert (cfg.model.matmul_dtype, cfg.model.cpu_dot) == ('float32', 'xla') and checks() == []
-    cfg.model.matmul_dtype = 'float16'
-    assert checks() == ['model.matmul_dtype']
-    cfg.model.matmul_dtype, cfg.model.cpu_dot = 'bfloat16', 'eigen'  # slow bfloat16 GEMM
-    assert checks() == ['model.cpu_dot']
-    cfg.model.cpu_dot = 'xla'
-    assert checks() == []
+    from tests.mixed_precision import assert_matmul_dtype_checks
+    assert_matmul_dtype_checks(dgvae.config_checks, dgvae_configs.get_config(), 10, 20)

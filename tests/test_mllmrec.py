@@ -20,7 +20,8 @@ from lirdrec_jax import graph, model_inputs  # noqa: E402
 from lirdrec_jax.models import base, mllmrec  # noqa: E402
 from tests import torch_mllmrec as T  # noqa: E402
 from tests.mixed_precision import (assert_close_not_equal, assert_training_close,  # noqa: E402
-                                   bfloat16_dots, first_steps_by_dtype, tensor)
+                                   assert_matmul_dtype_checks, bfloat16_dots,
+                                   first_steps_by_dtype, tensor)
 
 # ----------------------------------------------------------------------------------------------
 # The item graph on paper
@@ -446,10 +447,5 @@ def test_bfloat16_training_stays_close(trainer_data, tmp_path):
 
 def test_config_checks_name_matmul_dtype():
     m = point_model(mllmrec_configs.get_config('baby'))
-    checks = lambda: [f for ok, f, _ in mllmrec.config_checks(
-        ml_collections.ConfigDict({'model': m}), 100, 50) if not ok]
-    assert m.matmul_dtype == 'float32' and checks() == []
-    m.matmul_dtype = 'float16'
-    assert checks() == ['model.matmul_dtype']
-    m.matmul_dtype, m.cpu_dot = 'bfloat16', 'eigen'  # Eigen's bfloat16 GEMM is slow
-    assert checks() == ['model.cpu_dot']
+    assert_matmul_dtype_checks(mllmrec.config_checks, ml_collections.ConfigDict({'model': m}),
+                               100, 50)

@@ -160,7 +160,7 @@ def test_xla_counts_mllmrecs_analytic_flops():
     measured = plans.measure_cell(point, data, 1)
     per_row = 2 * 2 * (256 * 32 + 32 * 8) + 2 * 32 * 8
     hand = 3 * 36 * per_row
-    size = plans.problem_size(point, data.dataset)
+    size = bench.problem_size(point, data.dataset)
     assert size.feature_dims == (IMAGE_DIM, 256) and size.batch_size == 36
     assert models.get_model('mllmrec').flops_per_batch(point.model, size) == hand
     ratio = measured['stats']['train_step']['flops'] / hand

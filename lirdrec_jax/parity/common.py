@@ -524,14 +524,8 @@ def modality_knn_cache(prefix: str, point) -> ReferenceGraphCache:
 
 def available_memory_bytes() -> Optional[int]:
     """MemAvailable of /proc/meminfo (Linux), else None."""
-    try:
-        with open('/proc/meminfo') as f:
-            for line in f:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from lirdrec_jax.bench import proc_kib_field
+    return proc_kib_field('/proc/meminfo', 'MemAvailable')
 
 
 def dense_knn_plan(n_items: int, feature_bytes: int, choice: str = 'auto',
