@@ -283,6 +283,15 @@ def test_a_reference_child_that_fails_is_reported_failed(tmp_path, capfd, config
     assert message in err and 'Traceback' not in err, err[-1500:]
 
 
+def test_a_reference_folder_that_does_not_exist_is_refused_before_any_work(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(bench, 'generate', lambda *a, **k: pytest.fail('data was generated'))
+    args = bench.parse_args(['--scale', 'tiny', '--reference', str(tmp_path / 'none')])
+    with pytest.raises(SystemExit, match=f"error: --reference {tmp_path / 'none'}: no such "
+                                         'folder'):
+        bench.run_benchmark(args)
+
+
 def test_reference_hook_without_the_parity_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'lirdrec_jax.parity.lirdrec', None)
     args = bench.parse_args(['--reference', '/nowhere'])

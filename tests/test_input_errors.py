@@ -43,6 +43,8 @@ def test_unknown_variant_on_the_command_line_prints_only_the_error_line():
 @pytest.mark.parametrize('args, expected', [
     ([], "error: --reference PATH (a clone of enoche/FREEDOM) is required"),
     (['--reference', '/nowhere', 'extra'], "error: unexpected arguments ['extra']"),
+    (['--reference', '/nowhere', '--point', '99'],
+     'error: --point 99: the config has 1 grid points (0 to 0)'),
 ])
 def test_parity_command_mistakes_are_one_error_line(args, expected):
     env = {k: v for k, v in os.environ.items() if k != 'LIRDREC_JAX_TRACEBACK'}
